@@ -1,0 +1,22 @@
+//! `fanout-pipeline`: serves `fanout.v1.Pipeline` over the processors named
+//! by `--processors` until SIGINT/SIGTERM.
+
+use clap::Parser;
+use fanout::config::PipelineConfig;
+use fanout::server;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = PipelineConfig::parse();
+    fanout::telemetry::init("info");
+    let running = server::start_pipeline(&cfg).await?;
+    // The one line scripts and tests read: the address actually bound.
+    println!("fanout-pipeline listening on {}", running.addr);
+    let stop = running.stop_token();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        stop.cancel();
+    });
+    running.wait().await?;
+    Ok(())
+}

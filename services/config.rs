@@ -1,0 +1,128 @@
+//! Configuration of both servers: command-line flags, each with an env var.
+//!
+//! The structs are plain data too, so the demo and tests build them in code
+//! (`ProcessorConfig::default()`, `PipelineConfig::new(urls)`).
+
+use clap::{Args, Parser};
+use std::time::Duration;
+
+const MIB: usize = 1024 * 1024;
+
+/// Settings of `fanout-processor`.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "fanout-processor",
+    version,
+    about = "Serves fanout.v1.RecordProcessor: processes one record per call with the `digest` workload."
+)]
+pub struct ProcessorConfig {
+    /// Address to listen on; port 0 picks a free one (the startup line shows it).
+    #[arg(long, env = "FANOUT_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: String,
+    /// Name this instance reports in responses [default: the bound address].
+    #[arg(long, env = "FANOUT_PROCESSOR_NAME")]
+    pub name: Option<String>,
+    /// Units processed at once across all records [default: the number of cores].
+    #[arg(long, env = "FANOUT_UNIT_THREADS")]
+    pub unit_threads: Option<usize>,
+    /// Most units one record may have (more is INVALID_ARGUMENT).
+    #[arg(long, env = "FANOUT_MAX_UNITS_PER_RECORD", default_value_t = 10_000)]
+    pub max_units_per_record: usize,
+    /// Largest request message accepted, in bytes.
+    #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 4 * MIB)]
+    pub max_message_bytes: usize,
+    /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
+    #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self::parse_from(["fanout-processor"])
+    }
+}
+
+impl ProcessorConfig {
+    /// Unit threads, defaulting to the machine's cores.
+    pub fn unit_threads(&self) -> usize {
+        self.unit_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+}
+
+/// Settings of `fanout-pipeline`.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "fanout-pipeline",
+    version,
+    about = "Serves fanout.v1.Pipeline: fans runs of records out over RecordProcessor instances."
+)]
+pub struct PipelineConfig {
+    /// Address to listen on; port 0 picks a free one (the startup line shows it).
+    #[arg(long, env = "FANOUT_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Processor endpoints, comma-separated (`http://host:port` or `host:port`).
+    #[arg(long, env = "FANOUT_PROCESSORS", value_delimiter = ',', required = true)]
+    pub processors: Vec<String>,
+    /// Per-run limits and defaults.
+    #[command(flatten)]
+    pub limits: RunLimits,
+    /// Time allowed to open a connection to a processor.
+    #[arg(long, env = "FANOUT_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// How often each processor's health is checked.
+    #[arg(long, env = "FANOUT_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+    /// First retry delay; doubles per attempt, with full jitter.
+    #[arg(long, env = "FANOUT_BACKOFF_BASE", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    #[arg(long, env = "FANOUT_BACKOFF_MAX", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+    /// Largest `Run` request accepted, in bytes (bigger is rejected before decoding).
+    #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 64 * MIB)]
+    pub max_message_bytes: usize,
+    /// On SIGINT/SIGTERM, how long runs may take to finish before they are
+    /// cancelled (and report CANCELLED).
+    #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl PipelineConfig {
+    /// Defaults, with these processor endpoints.
+    pub fn new<S: Into<String>>(processors: impl IntoIterator<Item = S>) -> Self {
+        let mut cfg = Self::parse_from(["fanout-pipeline", "--processors", "x"]);
+        cfg.processors = processors.into_iter().map(Into::into).collect();
+        cfg
+    }
+}
+
+/// Per-run limits and the defaults of a run's options.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct RunLimits {
+    /// Most records one run may have (more is INVALID_ARGUMENT).
+    #[arg(long, env = "FANOUT_MAX_RECORDS", default_value_t = 100_000)]
+    pub max_records: usize,
+    /// Records in flight at once when a run does not say.
+    #[arg(long, env = "FANOUT_DEFAULT_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub default_max_in_flight: usize,
+    /// Largest `max_in_flight` a run may ask for.
+    #[arg(long, env = "FANOUT_MAX_IN_FLIGHT_LIMIT", default_value_t = 4096)]
+    pub max_in_flight_limit: usize,
+    /// Attempts per record when a run does not say.
+    #[arg(long, env = "FANOUT_DEFAULT_MAX_ATTEMPTS", default_value_t = 3)]
+    pub default_max_attempts: u32,
+    /// Largest `max_attempts` a run may ask for.
+    #[arg(long, env = "FANOUT_MAX_ATTEMPTS_LIMIT", default_value_t = 10)]
+    pub max_attempts_limit: u32,
+    /// Time bound of each attempt when a run does not say.
+    #[arg(long, env = "FANOUT_DEFAULT_RECORD_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub default_record_timeout: Duration,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        PipelineConfig::new(Vec::<String>::new()).limits
+    }
+}

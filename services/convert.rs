@@ -1,0 +1,344 @@
+//! Wire ⇄ domain conversion, done once at each edge.
+//!
+//! Requests are validated while they are converted, so everything past this
+//! module works on well-formed domain values.
+
+use crate::config::RunLimits;
+use crate::domain::{
+    Failure, JsonMap, Outcome, Record, RecordOutput, RecordResult, RecordTask, RunEvent, RunOptions,
+    RunRecord, RunReport, RunSpec, RunStatus, UnitMode,
+};
+use crate::error::Error;
+use crate::proto;
+use prost_types::value::Kind;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// A protobuf `Struct` as a JSON object.
+pub fn struct_to_json(s: prost_types::Struct) -> JsonMap {
+    s.fields.into_iter().map(|(k, v)| (k, value_to_json(v))).collect()
+}
+
+/// A protobuf `Value` as JSON. Numbers stay `f64`, as on the wire; a
+/// non-finite number (which JSON cannot hold) becomes `null`.
+pub fn value_to_json(v: prost_types::Value) -> Value {
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number),
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(value_to_json).collect()),
+    }
+}
+
+/// A JSON object as a protobuf `Struct`.
+pub fn json_to_struct(m: JsonMap) -> prost_types::Struct {
+    prost_types::Struct { fields: m.into_iter().map(|(k, v)| (k, json_to_value(v))).collect() }
+}
+
+/// JSON as a protobuf `Value` (numbers become `f64`, as proto3 JSON does).
+pub fn json_to_value(v: Value) -> prost_types::Value {
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(a) => {
+            Kind::ListValue(prost_types::ListValue { values: a.into_iter().map(json_to_value).collect() })
+        }
+        Value::Object(m) => Kind::StructValue(json_to_struct(m)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A `std` duration as a protobuf `Duration`.
+pub fn duration_to_proto(d: Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+/// A protobuf `Duration` as a `std` duration; `None` when negative or malformed.
+pub fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
+    (d.seconds >= 0 && (0..1_000_000_000).contains(&d.nanos))
+        .then(|| Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+/// A `SystemTime` as a protobuf `Timestamp`.
+pub fn timestamp_to_proto(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+/// A wire unit mode; unknown numbers are `INVALID_ARGUMENT`.
+pub fn unit_mode_from_proto(raw: i32) -> Result<UnitMode, Error> {
+    match proto::UnitMode::try_from(raw) {
+        Ok(proto::UnitMode::Unspecified) => Ok(UnitMode::default()),
+        Ok(proto::UnitMode::Sequential) => Ok(UnitMode::Sequential),
+        Ok(proto::UnitMode::Parallel) => Ok(UnitMode::Parallel),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "unit_mode: unknown value {raw} (expected 0 UNSPECIFIED, 1 SEQUENTIAL or 2 PARALLEL)"
+        ))),
+    }
+}
+
+/// A domain unit mode on the wire.
+pub fn unit_mode_to_proto(mode: UnitMode) -> proto::UnitMode {
+    match mode {
+        UnitMode::Sequential => proto::UnitMode::Sequential,
+        UnitMode::Parallel => proto::UnitMode::Parallel,
+    }
+}
+
+/// Validates a `RunRequest` against the pipeline's limits and applies defaults.
+pub fn run_spec_from_proto(req: proto::RunRequest, limits: &RunLimits) -> Result<RunSpec, Error> {
+    if req.records.is_empty() {
+        return Err(Error::InvalidArgument("records: a run needs at least one record".into()));
+    }
+    if req.records.len() > limits.max_records {
+        return Err(Error::LimitExceeded {
+            what: "the number of records in the run".into(),
+            got: req.records.len() as u64,
+            limit: limits.max_records as u64,
+            setting: "--max-records",
+        });
+    }
+    let mode = unit_mode_from_proto(req.unit_mode)?;
+    let options = run_options_from_proto(req.options.unwrap_or_default(), limits)?;
+    let mut seen: HashMap<&str, usize> = HashMap::with_capacity(req.records.len());
+    for (i, r) in req.records.iter().enumerate() {
+        if r.id.is_empty() {
+            return Err(Error::InvalidArgument(format!("record {i}: id: must not be empty")));
+        }
+        if let Some(first) = seen.insert(&r.id, i) {
+            return Err(Error::invalid_record(i, &r.id, "id", format!("duplicates record {first}")));
+        }
+    }
+    drop(seen);
+    let records = req
+        .records
+        .into_iter()
+        .map(|r| RunRecord { id: r.id, attributes: r.attributes.unwrap_or_default() })
+        .collect();
+    let run_id = if req.run_id.is_empty() { generate_run_id() } else { req.run_id };
+    Ok(RunSpec { run_id, records, mode, params: req.params.unwrap_or_default(), options })
+}
+
+fn run_options_from_proto(o: proto::RunOptions, limits: &RunLimits) -> Result<RunOptions, Error> {
+    let max_in_flight = match o.max_in_flight as usize {
+        0 => limits.default_max_in_flight,
+        n if n > limits.max_in_flight_limit => {
+            return Err(Error::LimitExceeded {
+                what: "options.max_in_flight".into(),
+                got: n as u64,
+                limit: limits.max_in_flight_limit as u64,
+                setting: "--max-in-flight-limit",
+            });
+        }
+        n => n,
+    };
+    let max_attempts = match o.max_attempts {
+        0 => limits.default_max_attempts,
+        n if n > limits.max_attempts_limit => {
+            return Err(Error::LimitExceeded {
+                what: "options.max_attempts".into(),
+                got: n.into(),
+                limit: limits.max_attempts_limit.into(),
+                setting: "--max-attempts-limit",
+            });
+        }
+        n => n,
+    };
+    let record_timeout = match &o.record_timeout {
+        None => limits.default_record_timeout,
+        Some(d) => match duration_from_proto(d) {
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "options.record_timeout: must be a non-negative duration, got {}s {}ns",
+                    d.seconds, d.nanos
+                )));
+            }
+            Some(Duration::ZERO) => limits.default_record_timeout,
+            Some(d) => d,
+        },
+    };
+    Ok(RunOptions {
+        max_in_flight,
+        max_attempts,
+        record_timeout,
+        tolerated_failures: o.tolerated_failures,
+        summary_only: o.summary_only,
+    })
+}
+
+/// A run id: time-ordered and unique enough for logs and reports.
+fn generate_run_id() -> String {
+    let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("run-{ms:x}-{:08x}", fastrand::u32(..))
+}
+
+/// A `ProcessRecordRequest` as the engine's task. A missing record or empty
+/// id is `INVALID_ARGUMENT`.
+pub fn record_task_from_proto(req: proto::ProcessRecordRequest) -> Result<RecordTask, Error> {
+    let record = req.record.ok_or_else(|| Error::InvalidArgument("record: missing".into()))?;
+    if record.id.is_empty() {
+        return Err(Error::InvalidArgument("record.id: must not be empty".into()));
+    }
+    Ok(RecordTask {
+        run_id: req.run_id,
+        record: Record {
+            id: record.id,
+            attributes: record.attributes.map(struct_to_json).unwrap_or_default(),
+        },
+        mode: unit_mode_from_proto(req.unit_mode)?,
+        params: Arc::new(req.params.map(struct_to_json).unwrap_or_default()),
+        attempt: req.attempt,
+    })
+}
+
+/// The engine's output as a `ProcessRecordResponse`.
+pub fn record_output_to_proto(
+    record_id: String,
+    out: RecordOutput,
+    processor: &str,
+) -> proto::ProcessRecordResponse {
+    proto::ProcessRecordResponse {
+        record_id,
+        output: Some(json_to_struct(out.output)),
+        units_processed: out.units_processed,
+        elapsed: Some(duration_to_proto(out.elapsed)),
+        processor: processor.to_owned(),
+    }
+}
+
+/// A domain failure on the wire.
+pub fn failure_to_proto(f: &Failure) -> proto::Error {
+    proto::Error { code: f.code as i32, code_name: code_name(f.code).into(), message: f.message.clone() }
+}
+
+/// The canonical upper-case name of a status code, as grpcurl prints it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A record result on the wire.
+pub fn record_result_to_proto(r: RecordResult) -> proto::RecordResult {
+    let (status, output, units_processed, error) = match r.outcome {
+        Outcome::Succeeded { output, units_processed } => {
+            (proto::RecordStatus::Succeeded, Some(output), units_processed, None)
+        }
+        Outcome::Failed(f) => (proto::RecordStatus::Failed, None, 0, Some(failure_to_proto(&f))),
+    };
+    proto::RecordResult {
+        record_id: r.record_id,
+        index: r.index as u32,
+        status: status as i32,
+        output,
+        units_processed,
+        attempts: r.attempts,
+        processor: r.processor,
+        elapsed: Some(duration_to_proto(r.elapsed)),
+        error,
+    }
+}
+
+fn run_status_to_proto(s: RunStatus) -> proto::RunStatus {
+    match s {
+        RunStatus::Succeeded => proto::RunStatus::Succeeded,
+        RunStatus::PartiallyFailed => proto::RunStatus::PartiallyFailed,
+        RunStatus::Failed => proto::RunStatus::Failed,
+        RunStatus::Cancelled => proto::RunStatus::Cancelled,
+    }
+}
+
+/// A run report on the wire.
+pub fn report_to_proto(r: RunReport) -> proto::RunReport {
+    let s = r.summary;
+    proto::RunReport {
+        run_id: r.run_id,
+        status: run_status_to_proto(r.status) as i32,
+        summary: Some(proto::RunSummary {
+            total_records_processed: s.total_records_processed,
+            total_units_processed: s.total_units_processed,
+            average_units_per_record: s.average_units_per_record,
+            records_failed: s.records_failed,
+            retries: s.retries,
+            records_succeeded: s.records_succeeded,
+        }),
+        results: r.results.into_iter().map(record_result_to_proto).collect(),
+        generated_at: Some(timestamp_to_proto(r.generated_at)),
+        elapsed: Some(duration_to_proto(r.elapsed)),
+    }
+}
+
+/// A run event on the wire.
+pub fn event_to_proto(e: RunEvent) -> proto::RunEvent {
+    use proto::run_event::Event;
+    let event = match e {
+        RunEvent::Started { run_id, record_count, processor_count, started_at } => {
+            Event::Started(proto::RunStarted {
+                run_id,
+                record_count,
+                processor_count,
+                started_at: Some(timestamp_to_proto(started_at)),
+            })
+        }
+        RunEvent::Record(r) => Event::Record(record_result_to_proto(r)),
+        RunEvent::Report(r) => Event::Report(report_to_proto(r)),
+    };
+    proto::RunEvent { event: Some(event) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn struct_json_round_trip() {
+        let j = json!({"a": 1.0, "b": "x", "c": [true, null, {"d": 2.5}], "e": {}});
+        let m = j.as_object().unwrap().clone();
+        assert_eq!(struct_to_json(json_to_struct(m.clone())), m);
+    }
+
+    fn req(ids: &[&str]) -> proto::RunRequest {
+        proto::RunRequest {
+            records: ids.iter().map(|id| proto::Record { id: id.to_string(), attributes: None }).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation_names_record_and_field() {
+        let limits = RunLimits::default();
+        let msg = |r| run_spec_from_proto(r, &limits).unwrap_err().to_string();
+        assert!(msg(req(&[])).contains("records"));
+        assert!(msg(req(&["a", ""])).contains("record 1: id"));
+        assert!(msg(req(&["a", "b", "a"])).contains("record 2 (id \"a\"): id: duplicates record 0"));
+        let mut r = req(&["a"]);
+        r.unit_mode = 9;
+        assert!(msg(r).contains("unit_mode"));
+        let spec = run_spec_from_proto(req(&["a", "b"]), &limits).unwrap();
+        assert_eq!(spec.options.max_in_flight, limits.default_max_in_flight);
+        assert!(spec.run_id.starts_with("run-"));
+    }
+}

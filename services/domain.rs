@@ -1,0 +1,213 @@
+//! Domain types: what the engine and the pipeline work on, free of gRPC.
+//!
+//! The processor side sees records as JSON ([`Record`]) because the workload
+//! reads them. The pipeline never looks inside a record, so it carries the
+//! wire `Struct`s through untouched ([`Payload`]) instead of converting them
+//! twice per record.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// A JSON object: a record's attributes, a run's params, a record's output.
+pub type JsonMap = serde_json::Map<String, serde_json::Value>;
+
+/// Opaque free-form data the pipeline forwards without reading.
+pub type Payload = prost_types::Struct;
+
+/// One record, as a workload sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Non-empty identifier, unique within a run.
+    pub id: String,
+    /// Free-form attributes.
+    pub attributes: JsonMap,
+}
+
+/// How a processor handles one record's units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnitMode {
+    /// One after another, in order.
+    Sequential,
+    /// Concurrently on the processor's bounded blocking pool.
+    #[default]
+    Parallel,
+}
+
+/// One record to process, with its run's context: the engine's input.
+#[derive(Debug, Clone)]
+pub struct RecordTask {
+    /// The run the record belongs to (for tracing).
+    pub run_id: String,
+    /// The record.
+    pub record: Record,
+    /// Sequential or parallel units.
+    pub mode: UnitMode,
+    /// The run's workload parameters.
+    pub params: Arc<JsonMap>,
+    /// 1-based attempt number (for tracing).
+    pub attempt: u32,
+}
+
+/// A processed record: the engine's output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordOutput {
+    /// The workload's aggregate.
+    pub output: JsonMap,
+    /// Units processed.
+    pub units_processed: u32,
+    /// Processing time.
+    pub elapsed: Duration,
+}
+
+/// A validated run request: the pipeline's input.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The run id (generated when the request had none).
+    pub run_id: String,
+    /// The records in input order, carried opaquely.
+    pub records: Vec<RunRecord>,
+    /// Unit mode handed to every processor call.
+    pub mode: UnitMode,
+    /// Workload parameters handed to every processor call.
+    pub params: Payload,
+    /// Scheduling and fault-handling settings, defaults applied.
+    pub options: RunOptions,
+}
+
+/// One record of a run as the pipeline holds it.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    /// The record's id.
+    pub id: String,
+    /// The record's attributes, forwarded as they came.
+    pub attributes: Payload,
+}
+
+/// Scheduling and fault-handling settings of a run, defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOptions {
+    /// Records in flight at once (≥ 1).
+    pub max_in_flight: usize,
+    /// Attempts per record, first included (≥ 1).
+    pub max_attempts: u32,
+    /// Time bound of each attempt.
+    pub record_timeout: Duration,
+    /// More failed records than this aborts the run; `None` tolerates all.
+    pub tolerated_failures: Option<u32>,
+    /// Leave per-record results out of the report.
+    pub summary_only: bool,
+}
+
+/// A gRPC status code and message, as recorded for a failed record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// The status code.
+    pub code: tonic::Code,
+    /// The status message.
+    pub message: String,
+}
+
+/// How one record ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Processed: the processor's output and unit count.
+    Succeeded {
+        /// The workload's aggregate, forwarded as the processor sent it.
+        output: Payload,
+        /// Units the processor processed.
+        units_processed: u32,
+    },
+    /// Failed with this final status.
+    Failed(Failure),
+}
+
+/// The final result of one record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordResult {
+    /// The record's id.
+    pub record_id: String,
+    /// The record's input position.
+    pub index: usize,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Attempts made (0 when cancelled before the first).
+    pub attempts: u32,
+    /// The endpoint of the last attempt (empty when none was made).
+    pub processor: String,
+    /// From the first attempt to the outcome.
+    pub elapsed: Duration,
+}
+
+impl RecordResult {
+    /// Whether the record succeeded.
+    pub fn succeeded(&self) -> bool {
+        matches!(self.outcome, Outcome::Succeeded { .. })
+    }
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Every record succeeded.
+    Succeeded,
+    /// Some failed, within tolerance.
+    PartiallyFailed,
+    /// All failed, or more than tolerated.
+    Failed,
+    /// The pipeline cancelled the run (shutting down).
+    Cancelled,
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunSummary {
+    /// Records with a final result.
+    pub total_records_processed: u32,
+    /// Units over the succeeded records.
+    pub total_units_processed: u64,
+    /// Units per succeeded record.
+    pub average_units_per_record: f64,
+    /// Records that failed (cancelled included).
+    pub records_failed: u32,
+    /// Records that succeeded.
+    pub records_succeeded: u32,
+    /// Attempts beyond each record's first.
+    pub retries: u32,
+}
+
+/// The final report of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunReport {
+    /// The run id.
+    pub run_id: String,
+    /// The outcome.
+    pub status: RunStatus,
+    /// Totals.
+    pub summary: RunSummary,
+    /// Per-record results in input order (empty with `summary_only`).
+    pub results: Vec<RecordResult>,
+    /// When the report was generated.
+    pub generated_at: SystemTime,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+/// One event of a run, as the pipeline emits it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    /// The run was accepted.
+    Started {
+        /// The run id.
+        run_id: String,
+        /// Input records.
+        record_count: u32,
+        /// Processor instances configured.
+        processor_count: u32,
+        /// Start time.
+        started_at: SystemTime,
+    },
+    /// One record's final result.
+    Record(RecordResult),
+    /// The final report.
+    Report(RunReport),
+}

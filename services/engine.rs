@@ -1,0 +1,250 @@
+//! The processor engine: runs one record through a [`Workload`].
+//!
+//! Units run on tokio's blocking pool, never on the async workers, and a
+//! semaphore with one permit per unit thread bounds how many run at once
+//! across *all* records in flight, so a burst of records cannot oversubscribe
+//! the cores. Dropping [`Engine::process`]'s future (the gRPC call was
+//! cancelled) stops every unit of that record that has not started yet.
+
+use crate::domain::{RecordOutput, RecordTask, UnitMode};
+use crate::error::Error;
+use crate::workload::{ErrorKind, Workload, WorkloadError};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{Instrument, Span, debug, debug_span, trace};
+
+/// Counters an engine keeps; tests and operators read them.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Records handed to the engine.
+    pub records_started: AtomicU64,
+    /// Records processed successfully.
+    pub records_succeeded: AtomicU64,
+    /// Records that ended with an error.
+    pub records_failed: AtomicU64,
+    /// Records whose call was dropped before they finished.
+    pub records_cancelled: AtomicU64,
+    /// Units that began processing.
+    pub units_started: AtomicU64,
+    /// Units that finished (successfully, with an error, or by panicking).
+    pub units_finished: AtomicU64,
+}
+
+impl EngineStats {
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs records through a workload on a bounded blocking pool.
+pub struct Engine<W> {
+    workload: Arc<W>,
+    permits: Arc<Semaphore>,
+    max_units: usize,
+    stats: Arc<EngineStats>,
+}
+
+impl<W: Workload> Engine<W> {
+    /// An engine running at most `unit_threads` units at once and refusing
+    /// records of more than `max_units` units.
+    pub fn new(workload: W, unit_threads: usize, max_units: usize) -> Self {
+        Self {
+            workload: Arc::new(workload),
+            permits: Arc::new(Semaphore::new(unit_threads.max(1))),
+            max_units,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// The workload's name.
+    pub fn workload_name(&self) -> &str {
+        self.workload.name()
+    }
+
+    /// Extracts, processes and aggregates one record.
+    pub async fn process(&self, task: RecordTask) -> Result<RecordOutput, Error> {
+        let span = debug_span!(
+            "record",
+            run_id = %task.run_id,
+            record_id = %task.record.id,
+            attempt = task.attempt
+        );
+        self.process_inner(task).instrument(span).await
+    }
+
+    async fn process_inner(&self, task: RecordTask) -> Result<RecordOutput, Error> {
+        let started = Instant::now();
+        self.stats.records_started.fetch_add(1, Ordering::Relaxed);
+        let mut guard = CancelGuard { cancelled: Arc::default(), finished: false, stats: &self.stats };
+        let result = self.run(&task, &guard.cancelled).await;
+        guard.finished = true;
+        let counter = match &result {
+            Ok(_) => &self.stats.records_succeeded,
+            Err(_) => &self.stats.records_failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok((_, n)) => debug!(units = n, elapsed_us = started.elapsed().as_micros() as u64, "record done"),
+            Err(e) => debug!(error = %e, "record failed"),
+        }
+        let (output, units) = result?;
+        Ok(RecordOutput { output, units_processed: units, elapsed: started.elapsed() })
+    }
+
+    async fn run(
+        &self,
+        task: &RecordTask,
+        cancelled: &Arc<AtomicBool>,
+    ) -> Result<(crate::domain::JsonMap, u32), Error> {
+        let id = &task.record.id;
+        let units =
+            self.workload.extract(&task.record, &task.params).map_err(|e| record_error(id, None, e))?;
+        let count = units.len();
+        if count > self.max_units {
+            return Err(Error::LimitExceeded {
+                what: format!("record {id:?}: the number of units"),
+                got: count as u64,
+                limit: self.max_units as u64,
+                setting: "--max-units-per-record",
+            });
+        }
+        debug!(units = count, mode = ?task.mode, "record started");
+        let ctx =
+            UnitCtx { count, record_id: id.clone(), cancelled: cancelled.clone(), span: Span::current() };
+        let outputs = match task.mode {
+            UnitMode::Sequential => self.sequential(units, ctx).await?,
+            UnitMode::Parallel => {
+                let ctx = Arc::new(ctx);
+                let futures =
+                    units.into_iter().enumerate().map(|(i, unit)| self.parallel_unit(i, unit, &ctx));
+                let outputs = futures::future::try_join_all(futures).await;
+                if outputs.is_err() {
+                    // Units already spawned but not yet running skip themselves.
+                    ctx.cancelled.store(true, Ordering::SeqCst);
+                }
+                outputs?
+            }
+        };
+        let output = self.workload.aggregate(&task.record, outputs).map_err(|e| record_error(id, None, e))?;
+        Ok((output, count as u32))
+    }
+
+    /// All units in order on one blocking thread, holding one permit.
+    async fn sequential(&self, units: Vec<W::Unit>, ctx: UnitCtx) -> Result<Vec<W::Output>, Error> {
+        let permit = self.permit().await;
+        let workload = self.workload.clone();
+        let stats = self.stats.clone();
+        spawn_unit_work(move || {
+            let _permit = permit;
+            units
+                .into_iter()
+                .enumerate()
+                .map(|(i, unit)| run_unit(&*workload, &stats, &ctx, i, unit))
+                .collect()
+        })
+        .await
+    }
+
+    /// One unit on its own blocking task, once a permit is free.
+    async fn parallel_unit(&self, i: usize, unit: W::Unit, ctx: &Arc<UnitCtx>) -> Result<W::Output, Error> {
+        let permit = self.permit().await;
+        let (workload, stats, ctx) = (self.workload.clone(), self.stats.clone(), ctx.clone());
+        spawn_unit_work(move || {
+            // The permit lives as long as the unit runs, even if the record's
+            // future is dropped meanwhile: the bound is on running CPU work.
+            let _permit = permit;
+            run_unit(&*workload, &stats, &ctx, i, unit)
+        })
+        .await
+    }
+
+    async fn permit(&self) -> OwnedSemaphorePermit {
+        self.permits.clone().acquire_owned().await.expect("the engine never closes its semaphore")
+    }
+}
+
+/// What a unit needs to know about its record.
+struct UnitCtx {
+    count: usize,
+    record_id: String,
+    cancelled: Arc<AtomicBool>,
+    span: Span,
+}
+
+/// Runs one unit on the current (blocking) thread, turning errors and panics
+/// into an [`Error`] naming the unit.
+fn run_unit<W: Workload>(
+    workload: &W,
+    stats: &EngineStats,
+    ctx: &UnitCtx,
+    i: usize,
+    unit: W::Unit,
+) -> Result<W::Output, Error> {
+    if ctx.cancelled.load(Ordering::SeqCst) {
+        return Err(Error::Cancelled(format!("record {:?}: cancelled before unit {}", ctx.record_id, i + 1)));
+    }
+    let _enter = ctx.span.enter();
+    stats.units_started.fetch_add(1, Ordering::SeqCst);
+    trace!(unit = i, units = ctx.count, "unit {}/{} of {}", i + 1, ctx.count, ctx.record_id);
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| workload.process(unit)));
+    stats.units_finished.fetch_add(1, Ordering::SeqCst);
+    let unit_name = format!("unit {}/{}", i + 1, ctx.count);
+    match result {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) => Err(record_error(&ctx.record_id, Some(&unit_name), e)),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".into());
+            Err(Error::Internal(format!("record {:?}: {unit_name} panicked: {msg}", ctx.record_id)))
+        }
+    }
+}
+
+/// Runs CPU-bound work on the blocking pool.
+async fn spawn_unit_work<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(format!("unit task did not complete: {e}")))?
+}
+
+/// A workload error as the engine reports it: with the record and unit.
+fn record_error(record_id: &str, unit: Option<&str>, e: WorkloadError) -> Error {
+    let at = unit.map(|u| format!(" {u}")).unwrap_or_default();
+    let msg = format!("record {record_id:?}{at}: {e}");
+    match e.kind {
+        ErrorKind::Invalid => Error::InvalidArgument(msg),
+        ErrorKind::Permanent => Error::FailedPrecondition(msg),
+        ErrorKind::Transient => Error::Unavailable(msg),
+    }
+}
+
+/// Marks a record cancelled when its future is dropped before it finished.
+struct CancelGuard<'a> {
+    cancelled: Arc<AtomicBool>,
+    finished: bool,
+    stats: &'a EngineStats,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cancelled.store(true, Ordering::SeqCst);
+            self.stats.records_cancelled.fetch_add(1, Ordering::SeqCst);
+            debug!("record cancelled; its remaining units will not start");
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! fanout: dynamic fan-out / fan-in over gRPC.
+//!
+//! A [`Pipeline`](pipeline) receives a run of records and fans it out, one
+//! unary `ProcessRecord` call per record, over a fleet of
+//! [`RecordProcessor`](processor)s; each processor splits its record into
+//! units, processes them on a bounded blocking pool and aggregates them.
+//! Results stream back in completion order, then a final report.
+//!
+//! # Layout
+//!
+//! - [`proto`]: the generated wire types (`fanout.v1`) and the descriptor set
+//!   for reflection. Only the `*::service` modules and [`convert`] touch them.
+//! - [`convert`]: wire ⇄ domain conversion, done once at the edge
+//!   (`Struct` ⇄ JSON, `Duration`, `Timestamp`, request validation).
+//! - [`domain`]: the domain types the engine and pipeline work on.
+//! - [`error`]: the typed error enum and its single mapping to `tonic::Status`.
+//! - [`workload`]: the `Workload` trait and the reference `digest` workload.
+//! - [`engine`]: the processor engine: units sequential or parallel on a
+//!   bounded blocking pool, errors, panics, cancellation, tracing.
+//! - [`processor`]: the `RecordProcessor` gRPC service over the engine.
+//! - [`pipeline`]: the `Pipeline` service: fan-out ([`pipeline::run`]),
+//!   instance choice ([`pipeline::balancer`]), retries
+//!   ([`pipeline::retry`]), the report ([`pipeline::report`]).
+//! - [`config`]: command-line flags and env vars of both servers.
+//! - [`server`]: serving: health, reflection, listen, graceful shutdown.
+//! - [`telemetry`]: tracing subscriber set-up for the binaries.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod convert;
+pub mod domain;
+pub mod engine;
+pub mod error;
+pub mod pipeline;
+pub mod processor;
+pub mod proto;
+pub mod server;
+pub mod telemetry;
+pub mod workload;
+
+pub use error::Error;

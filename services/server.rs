@@ -1,0 +1,205 @@
+//! Serving both services: listen, health, reflection, graceful shutdown.
+//!
+//! Each server also serves `grpc.health.v1.Health` and server reflection (v1
+//! and v1alpha, since grpcurl 1.8 speaks only v1alpha). Shutdown is in three
+//! steps: report NOT_SERVING and stop accepting; let open calls finish for the
+//! drain timeout; then cancel what is left (a pipeline's runs report
+//! `CANCELLED`) and close, with a last bound so a stuck stream cannot hold
+//! the process.
+
+use crate::config::{PipelineConfig, ProcessorConfig};
+use crate::engine::{Engine, EngineStats};
+use crate::error::Error;
+use crate::pipeline::PipelineService;
+use crate::pipeline::balancer::PROCESSOR_SERVICE;
+use crate::processor::ProcessorService;
+use crate::proto;
+use crate::workload::Workload;
+use futures::StreamExt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+/// The pipeline's service name, as health and reflection report it.
+pub const PIPELINE_SERVICE: &str = "fanout.v1.Pipeline";
+
+/// How long to wait after cancelling the remaining work for it to wind down.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
+
+/// A server running on a background task.
+#[derive(Debug)]
+pub struct Running {
+    /// The address actually bound.
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    /// A token that starts graceful shutdown when cancelled.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// `http://ADDR`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts graceful shutdown and waits for it to finish.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.stop.cancel();
+        self.wait().await
+    }
+
+    /// Waits for the server to stop (after its stop token is cancelled).
+    pub async fn wait(self) -> Result<(), Error> {
+        self.task.await.map_err(|e| Error::Internal(format!("server task: {e}")))?
+    }
+
+    /// Aborts the server task at once: connections drop, nothing drains.
+    /// Tests use it to stand for a crashed instance.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Binds `listen` (`HOST:PORT`; port 0 picks a free one).
+pub async fn bind(listen: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(listen).await.map_err(|e| Error::Transport(format!("cannot listen on {listen}: {e}")))
+}
+
+/// Starts a `RecordProcessor` with `workload` on `cfg.listen`. Returns the
+/// running server and the engine's counters.
+pub async fn start_processor<W: Workload>(
+    cfg: &ProcessorConfig,
+    workload: W,
+) -> Result<(Running, Arc<EngineStats>), Error> {
+    let listener = bind(&cfg.listen).await?;
+    let addr = local_addr(&listener)?;
+    let engine = Arc::new(Engine::new(workload, cfg.unit_threads(), cfg.max_units_per_record));
+    let stats = engine.stats().clone();
+    info!(
+        %addr,
+        workload = engine.workload_name(),
+        unit_threads = cfg.unit_threads(),
+        "fanout-processor listening"
+    );
+    let name = cfg.name.clone().unwrap_or_else(|| addr.to_string());
+    let service =
+        proto::record_processor_server::RecordProcessorServer::new(ProcessorService::new(engine, name))
+            .max_decoding_message_size(cfg.max_message_bytes)
+            .max_encoding_message_size(usize::MAX);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status(PROCESSOR_SERVICE, ServingStatus::Serving).await;
+    let router = base_router(health)?.add_service(service);
+    Ok((spawn(router, listener, addr, reporter, PROCESSOR_SERVICE, cfg.drain_timeout, None), stats))
+}
+
+/// Starts a `Pipeline` over `cfg.processors` on `cfg.listen`.
+pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
+    let listener = bind(&cfg.listen).await?;
+    let addr = local_addr(&listener)?;
+    let cancel_runs = CancellationToken::new();
+    let pipeline = PipelineService::new(cfg, cancel_runs.clone())?;
+    info!(%addr, processors = ?cfg.processors, "fanout-pipeline listening");
+    let service = proto::pipeline_server::PipelineServer::new(pipeline)
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(usize::MAX);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status(PIPELINE_SERVICE, ServingStatus::Serving).await;
+    let router = base_router(health)?.add_service(service);
+    Ok(spawn(router, listener, addr, reporter, PIPELINE_SERVICE, cfg.drain_timeout, Some(cancel_runs)))
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
+    listener.local_addr().map_err(|e| Error::Transport(format!("local address: {e}")))
+}
+
+/// Health and reflection (v1 and v1alpha), which both servers serve.
+fn base_router(
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) -> Result<Router, Error> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let refl_err = |e: tonic_reflection::server::Error| Error::Internal(format!("reflection: {e}"));
+    let v1 = reflection().build_v1().map_err(refl_err)?;
+    let v1alpha = reflection().build_v1alpha().map_err(refl_err)?;
+    Ok(Server::builder().add_service(health).add_service(v1).add_service(v1alpha))
+}
+
+fn spawn(
+    router: Router,
+    listener: TcpListener,
+    addr: SocketAddr,
+    reporter: HealthReporter,
+    service: &'static str,
+    drain: Duration,
+    cancel_rest: Option<CancellationToken>,
+) -> Running {
+    let stop = CancellationToken::new();
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            // Small unary messages: send at once rather than wait for Nagle.
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    });
+    let signal = stop.clone();
+    let task = tokio::spawn(async move {
+        let serve = router.serve_with_incoming_shutdown(incoming, signal.clone().cancelled_owned());
+        let mut serve = std::pin::pin!(serve);
+        let transport = |e: tonic::transport::Error| Error::Transport(e.to_string());
+        tokio::select! {
+            r = &mut serve => return r.map_err(transport),
+            _ = signal.cancelled() => {}
+        }
+        info!(%addr, drain_timeout = ?drain, "shutting down: draining open calls");
+        reporter.set_service_status(service, ServingStatus::NotServing).await;
+        reporter.set_service_status("", ServingStatus::NotServing).await;
+        if let Ok(r) = tokio::time::timeout(drain, &mut serve).await {
+            info!(%addr, "stopped");
+            return r.map_err(transport);
+        }
+        if let Some(rest) = cancel_rest {
+            warn!(%addr, "drain timeout passed; cancelling what is still running");
+            rest.cancel();
+            if let Ok(r) = tokio::time::timeout(CANCEL_GRACE, &mut serve).await {
+                info!(%addr, "stopped");
+                return r.map_err(transport);
+            }
+        }
+        warn!(%addr, "closing with calls still open");
+        Ok(())
+    });
+    Running { addr, stop, task }
+}
+
+/// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => drop(tokio::signal::ctrl_c().await),
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tokio::signal::ctrl_c().await);
+}
