@@ -23,8 +23,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http::Response;
+use tonic::service::Routes;
 use tonic::transport::Server;
-use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
@@ -101,8 +102,20 @@ pub async fn start_processor<W: Workload>(
             .max_encoding_message_size(usize::MAX);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PROCESSOR_SERVICE, ServingStatus::Serving).await;
-    let router = base_router(health)?.add_service(service);
-    Ok((spawn(router, listener, addr, reporter, PROCESSOR_SERVICE, cfg.drain_timeout, None), stats))
+    let router = base_routes(PROCESSOR_SERVICE, health)?.add_service(service);
+    Ok((
+        spawn(
+            router,
+            cfg.max_message_bytes,
+            listener,
+            addr,
+            reporter,
+            PROCESSOR_SERVICE,
+            cfg.drain_timeout,
+            None,
+        ),
+        stats,
+    ))
 }
 
 /// Starts a `Pipeline` over `cfg.processors` on `cfg.listen`.
@@ -117,8 +130,17 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
         .max_encoding_message_size(usize::MAX);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PIPELINE_SERVICE, ServingStatus::Serving).await;
-    let router = base_router(health)?.add_service(service);
-    Ok(spawn(router, listener, addr, reporter, PIPELINE_SERVICE, cfg.drain_timeout, Some(cancel_runs)))
+    let router = base_routes(PIPELINE_SERVICE, health)?.add_service(service);
+    Ok(spawn(
+        router,
+        cfg.max_message_bytes,
+        listener,
+        addr,
+        reporter,
+        PIPELINE_SERVICE,
+        cfg.drain_timeout,
+        Some(cancel_runs),
+    ))
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
@@ -126,22 +148,55 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
 }
 
 /// Health and reflection (v1 and v1alpha), which both servers serve.
-fn base_router(
+/// Reflection lists exactly the services this server answers.
+fn base_routes(
+    service: &str,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-) -> Result<Router, Error> {
+) -> Result<Routes, Error> {
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        [
+            service,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+        .into_iter()
+        .fold(tonic_reflection::server::Builder::configure(), |b, name| b.with_service_name(name))
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
     };
     let refl_err = |e: tonic_reflection::server::Error| Error::Internal(format!("reflection: {e}"));
     let v1 = reflection().build_v1().map_err(refl_err)?;
     let v1alpha = reflection().build_v1alpha().map_err(refl_err)?;
-    Ok(Server::builder().add_service(health).add_service(v1).add_service(v1alpha))
+    Ok(Routes::new(health).add_service(v1).add_service(v1alpha))
 }
 
+/// tonic answers a request over the decoding limit with `OUT_OF_RANGE` and a
+/// message that names no setting. This rewrites that one answer to
+/// `INVALID_ARGUMENT` naming the limit and the flag that sets it; every other
+/// response passes through untouched.
+fn oversize_as_invalid_argument<B: Default>(limit: usize) -> impl Fn(Response<B>) -> Response<B> + Clone {
+    move |response: Response<B>| match tonic::Status::from_header_map(response.headers()) {
+        Some(s)
+            if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") =>
+        {
+            let found = s.message().split("found ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("?");
+            tonic::Status::invalid_argument(format!(
+                "request message is {found} bytes, over the limit of {limit} bytes (set by --max-message-bytes)"
+            ))
+            .into_http()
+        }
+        _ => response,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn spawn(
-    router: Router,
+    routes: Routes,
+    max_message_bytes: usize,
     listener: TcpListener,
     addr: SocketAddr,
     reporter: HealthReporter,
@@ -159,7 +214,11 @@ fn spawn(
     });
     let signal = stop.clone();
     let task = tokio::spawn(async move {
-        let serve = router.serve_with_incoming_shutdown(incoming, signal.clone().cancelled_owned());
+        let svc = tower::ServiceBuilder::new()
+            .map_response(oversize_as_invalid_argument(max_message_bytes))
+            .service(routes.prepare());
+        let serve =
+            Server::builder().serve_with_incoming_shutdown(svc, incoming, signal.clone().cancelled_owned());
         let mut serve = std::pin::pin!(serve);
         let transport = |e: tonic::transport::Error| Error::Transport(e.to_string());
         tokio::select! {

@@ -1,0 +1,88 @@
+//! Driving one run: send the request, follow the stream with a progress bar,
+//! return the report.
+
+use anyhow::{Context, Result, anyhow, bail};
+use fanout::proto::pipeline_client::PipelineClient;
+use fanout::proto::{self, RecordStatus, run_event::Event};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use tonic::transport::Channel;
+
+/// Connects to a pipeline at `url` (`http://host:port` or `host:port`).
+pub async fn connect(url: &str) -> Result<PipelineClient<Channel>> {
+    let url = fanout::pipeline::balancer::normalize_url(url);
+    let channel = Channel::from_shared(url.clone())
+        .with_context(|| format!("pipeline URL {url:?}"))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the pipeline at {url}"))?;
+    Ok(PipelineClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+/// Runs `request` and follows its events to the report. Shows a progress
+/// bar on stderr when `progress` is set and stderr is a terminal.
+pub async fn run(
+    client: &mut PipelineClient<Channel>,
+    request: proto::RunRequest,
+    progress: bool,
+) -> Result<proto::RunReport> {
+    let total = request.records.len() as u64;
+    let mut stream = client
+        .run(request)
+        .await
+        .map_err(|s| anyhow!("Run failed: {}: {}", fanout::convert::code_name(s.code()), s.message()))?
+        .into_inner();
+    let bar = progress_bar(total, progress);
+    let mut failed = 0u64;
+    let report = loop {
+        let event = stream
+            .message()
+            .await
+            .map_err(|s| {
+                anyhow!("run stream failed: {}: {}", fanout::convert::code_name(s.code()), s.message())
+            })?
+            .context("the pipeline closed the stream before the report")?;
+        match event.event {
+            Some(Event::Started(s)) => bar.set_prefix(s.run_id),
+            Some(Event::Record(r)) => {
+                if r.status() != RecordStatus::Succeeded {
+                    failed += 1;
+                    bar.set_message(format!("{failed} failed"));
+                }
+                bar.inc(1);
+            }
+            Some(Event::Report(r)) => break r,
+            None => bail!("the pipeline sent an empty event"),
+        }
+    };
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+fn progress_bar(total: u64, wanted: bool) -> ProgressBar {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} {bar:30.cyan/blue} {pos}/{len} records {msg} [{elapsed_precise}, {per_sec}]",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// The process exit code for a run's status: 0 only when it succeeded.
+pub fn exit_code(report: &proto::RunReport) -> i32 {
+    match report.status() {
+        proto::RunStatus::Succeeded => 0,
+        proto::RunStatus::PartiallyFailed => 3,
+        proto::RunStatus::Failed => 4,
+        proto::RunStatus::Cancelled => 5,
+        proto::RunStatus::Unspecified => 1,
+    }
+}
