@@ -4,6 +4,7 @@
 //! - `fanout demo`: start two processors and a pipeline in-process on
 //!   loopback, run a generated batch through them, print the report.
 
+mod bench;
 mod input;
 mod render;
 mod session;
@@ -34,6 +35,12 @@ enum Command {
     /// Start two processors and a pipeline on loopback, run a generated batch,
     /// print the report, shut down. Needs nothing else running.
     Demo(DemoArgs),
+    /// Benchmark: efficiency, overhead, latency and scale, each beside a
+    /// baseline measured in the same run (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+    /// Serve a pipeline in this process (the bench's child process).
+    #[command(hide = true)]
+    ServePipeline(PipelineConfig),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -196,6 +203,17 @@ async fn main() -> Result<()> {
         Command::Demo(args) => {
             fanout::telemetry::init("warn");
             demo(args).await?
+        }
+        Command::Bench(args) => {
+            fanout::telemetry::init("warn");
+            bench::bench(args).await?
+        }
+        Command::ServePipeline(cfg) => {
+            fanout::telemetry::init("warn");
+            let running = server::start_pipeline(&cfg).await?;
+            println!("fanout-pipeline listening on {}", running.addr);
+            running.wait().await?;
+            0
         }
     };
     std::process::exit(code);

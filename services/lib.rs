@@ -40,3 +40,8 @@ pub mod telemetry;
 pub mod workload;
 
 pub use error::Error;
+
+/// Compiles the README's Rust example as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

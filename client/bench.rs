@@ -1,0 +1,623 @@
+//! `fanout bench`: how close a run comes to what the hardware allows.
+//!
+//! Every figure stands beside a baseline measured in the same run, because
+//! these machines are shared and noisy: ratios are what we compare.
+//!
+//! - efficiency: CPU-bound digest units through pipeline and processor, vs
+//!   the same units on plain OS threads (one per core, no network).
+//! - overhead: 1-unit, 0-round records, vs a bare no-op unary call per record
+//!   at the same concurrency.
+//! - latency: a 1-record run, one after another, vs a bare unary call.
+//! - scale: one run of 100,000 records; the pipeline runs in a child process
+//!   so its peak RSS can be read from /proc.
+
+use crate::input::generated_records;
+use crate::session;
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Args, ValueEnum};
+use fanout::config::{PipelineConfig, ProcessorConfig};
+use fanout::convert::{json_to_struct, struct_to_json};
+use fanout::domain::JsonMap;
+use fanout::proto::record_processor_client::RecordProcessorClient;
+use fanout::proto::record_processor_server::{RecordProcessor, RecordProcessorServer};
+use fanout::proto::{self, pipeline_client::PipelineClient};
+use fanout::server::{self, Running};
+use fanout::workload::Digest;
+use fanout::workload::digest::{default_unit_count, unit_value};
+use futures::StreamExt;
+use serde::Serialize;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// Which scenarios to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// CPU-bound parallel efficiency vs plain threads.
+    Efficiency,
+    /// Records/s with trivial work vs bare unary calls.
+    Overhead,
+    /// p50/p99 of a 1-record run vs a bare unary call.
+    Latency,
+    /// 100,000 records in one run: rate and the pipeline's peak memory.
+    Scale,
+}
+
+/// Flags of `fanout bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Scenarios to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "efficiency,overhead,latency,scale")]
+    scenarios: Vec<Scenario>,
+    /// efficiency: seconds one thread needs for all units (sets `rounds`).
+    #[arg(long, default_value_t = 5.0)]
+    work_seconds: f64,
+    /// efficiency: records in the run.
+    #[arg(long, default_value_t = 200)]
+    efficiency_records: usize,
+    /// overhead: records in the run (and bare calls in the baseline).
+    #[arg(long, default_value_t = 20_000)]
+    overhead_records: usize,
+    /// overhead: records in flight (and bare calls in flight).
+    #[arg(long, default_value_t = 64)]
+    concurrency: u32,
+    /// latency: runs (and bare calls), one after another.
+    #[arg(long, default_value_t = 1_000)]
+    latency_runs: usize,
+    /// scale: records in the one run.
+    #[arg(long, default_value_t = 100_000)]
+    scale_records: usize,
+    /// Repetitions of each measurement (efficiency, overhead, latency); each
+    /// figure is the median, each ratio the median of ratios taken against
+    /// the baseline measured just before it.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One line of the table.
+#[derive(Debug, Serialize)]
+struct Figure {
+    scenario: &'static str,
+    name: String,
+    value: f64,
+    unit: &'static str,
+    baseline: Option<f64>,
+    ratio: Option<f64>,
+    target: Option<String>,
+    met: Option<bool>,
+}
+
+#[derive(Default)]
+struct Table(Vec<Figure>);
+
+impl Table {
+    fn add(&mut self, scenario: &'static str, name: impl Into<String>, value: f64, unit: &'static str) {
+        let name = name.into();
+        eprintln!("  {scenario:<10} {name:<44} {value:>12.3} {unit}");
+        self.0.push(Figure {
+            scenario,
+            name,
+            value,
+            unit,
+            baseline: None,
+            ratio: None,
+            target: None,
+            met: None,
+        });
+    }
+
+    /// Adds a figure with its baseline; `ratio` is computed by the caller so
+    /// that "higher is better" holds for every ratio in the table.
+    #[allow(clippy::too_many_arguments)]
+    fn compare(
+        &mut self,
+        scenario: &'static str,
+        name: impl Into<String>,
+        value: f64,
+        baseline: f64,
+        unit: &'static str,
+        ratio: f64,
+        target: Option<(&str, bool)>,
+    ) {
+        self.add(scenario, name, value, unit);
+        let f = self.0.last_mut().expect("just added");
+        f.baseline = Some(baseline);
+        f.ratio = Some(ratio);
+        f.target = target.map(|(t, _)| t.to_owned());
+        f.met = target.map(|(_, met)| met);
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<10} | {:<44} | {:>12} | {:<9} | {:>12} | {:>7} | {:<14} | met",
+            "scenario", "figure", "value", "unit", "baseline", "ratio", "target"
+        );
+        println!("{}", "-".repeat(133));
+        for f in &self.0 {
+            let opt = |v: Option<f64>, p: usize| v.map_or(String::new(), |v| format!("{v:.p$}"));
+            println!(
+                "{:<10} | {:<44} | {:>12.3} | {:<9} | {:>12} | {:>7} | {:<14} | {}",
+                f.scenario,
+                f.name,
+                f.value,
+                f.unit,
+                opt(f.baseline, 3),
+                opt(f.ratio, 3),
+                f.target.clone().unwrap_or_default(),
+                f.met.map_or("", |m| if m { "yes" } else { "NO" })
+            );
+        }
+    }
+}
+
+/// Entry point of `fanout bench`.
+pub async fn bench(args: BenchArgs) -> Result<i32> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!(
+        "fanout bench: {cores} cores, {} release build; scenarios {:?}",
+        if cfg!(debug_assertions) { "NOT a" } else { "a" },
+        args.scenarios
+    );
+    let mut table = Table::default();
+    for s in &args.scenarios {
+        eprintln!("== {s:?}");
+        match s {
+            Scenario::Efficiency => efficiency(&args, cores, &mut table).await?,
+            Scenario::Overhead => overhead(&args, &mut table).await?,
+            Scenario::Latency => latency(&args, &mut table).await?,
+            Scenario::Scale => scale(&args, &mut table).await?,
+        }
+    }
+    println!();
+    table.print();
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "machine": { "cores": cores, "os": std::env::consts::OS, "arch": std::env::consts::ARCH },
+            "figures": table.0,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("figures written to {}", path.display());
+    }
+    Ok(0)
+}
+
+// ---------------------------------------------------------------- servers
+
+/// A processor that does nothing: the ceiling for one unary call per record.
+struct Noop;
+
+#[tonic::async_trait]
+impl RecordProcessor for Noop {
+    async fn process_record(
+        &self,
+        request: tonic::Request<proto::ProcessRecordRequest>,
+    ) -> Result<tonic::Response<proto::ProcessRecordResponse>, tonic::Status> {
+        let id = request.into_inner().record.map(|r| r.id).unwrap_or_default();
+        Ok(tonic::Response::new(proto::ProcessRecordResponse { record_id: id, ..Default::default() }))
+    }
+}
+
+async fn start_noop() -> Result<(String, tokio_util::sync::CancellationToken)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
+        if let Ok(c) = &c {
+            let _ = c.set_nodelay(true);
+        }
+        c
+    });
+    let signal = stop.clone().cancelled_owned();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RecordProcessorServer::new(Noop))
+            .serve_with_incoming_shutdown(incoming, signal),
+    );
+    Ok((url, stop))
+}
+
+async fn start_processors(n: usize) -> Result<Vec<Running>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
+        out.push(server::start_processor(&cfg, Digest).await?.0);
+    }
+    Ok(out)
+}
+
+/// A pipeline over `n` fresh in-process digest processors, and a client.
+struct Stack {
+    processors: Vec<Running>,
+    pipeline: Running,
+    client: PipelineClient<Channel>,
+}
+
+impl Stack {
+    async fn start(n: usize) -> Result<Self> {
+        let processors = start_processors(n).await?;
+        let mut cfg = PipelineConfig::new(processors.iter().map(Running::url));
+        cfg.listen = "127.0.0.1:0".into();
+        cfg.limits.max_records = usize::MAX;
+        let pipeline = server::start_pipeline(&cfg).await?;
+        let client = session::connect(&pipeline.url()).await?;
+        Ok(Self { processors, pipeline, client })
+    }
+
+    async fn stop(self) -> Result<()> {
+        drop(self.client);
+        self.pipeline.shutdown().await?;
+        for p in self.processors {
+            p.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+fn params(rounds: u64) -> JsonMap {
+    let mut p = JsonMap::new();
+    p.insert("rounds".into(), rounds.into());
+    p
+}
+
+fn one_unit_records(n: usize) -> Vec<proto::Record> {
+    let mut attributes = JsonMap::new();
+    attributes.insert("units".into(), 1.into());
+    let attributes = Some(json_to_struct(attributes));
+    (0..n).map(|i| proto::Record { id: format!("rec-{i:06}"), attributes: attributes.clone() }).collect()
+}
+
+fn request(
+    records: Vec<proto::Record>,
+    rounds: u64,
+    mode: proto::UnitMode,
+    max_in_flight: u32,
+    summary_only: bool,
+) -> proto::RunRequest {
+    proto::RunRequest {
+        run_id: String::new(),
+        records,
+        unit_mode: mode as i32,
+        params: Some(json_to_struct(params(rounds))),
+        options: Some(proto::RunOptions { max_in_flight, summary_only, ..Default::default() }),
+    }
+}
+
+/// Runs `req`, checks every record succeeded, returns the report and wall time.
+async fn timed_run(
+    client: &mut PipelineClient<Channel>,
+    req: proto::RunRequest,
+) -> Result<(proto::RunReport, Duration)> {
+    let n = req.records.len() as u32;
+    let t = Instant::now();
+    let report = session::run(client, req, false).await?;
+    let wall = t.elapsed();
+    let s = report.summary.clone().unwrap_or_default();
+    ensure!(
+        s.total_records_processed == n && s.records_succeeded == n,
+        "run did not account for every record: {s:?}"
+    );
+    Ok((report, wall))
+}
+
+// ------------------------------------------------------------- efficiency
+
+async fn efficiency(args: &BenchArgs, cores: usize, table: &mut Table) -> Result<()> {
+    let ids: Vec<String> = (0..args.efficiency_records).map(|i| format!("rec-{i:05}")).collect();
+    let units: Vec<(usize, String)> = ids
+        .iter()
+        .enumerate()
+        .flat_map(|(r, id)| (0..default_unit_count(id)).map(move |i| (r, format!("{id}/{i}"))))
+        .collect();
+    // Calibrate: time per SHA-256 round on one thread.
+    let t = Instant::now();
+    std::hint::black_box(unit_value(b"calibrate", 200_000));
+    let per_round = t.elapsed().as_secs_f64() / 200_000.0;
+    let rounds = (args.work_seconds / (units.len() as f64 * per_round)).round().max(1.0) as u64;
+    eprintln!(
+        "  {} records, {} units, {:.1} ns/round, rounds = {rounds}",
+        ids.len(),
+        units.len(),
+        per_round * 1e9
+    );
+
+    let mut stack = Stack::start(1).await?;
+    // Warm the connections so the figure is the run, not the first dial.
+    timed_run(&mut stack.client, request(one_unit_records(4), 0, proto::UnitMode::Parallel, 0, true)).await?;
+    let variants = [
+        ("PARALLEL, 64 in flight", proto::UnitMode::Parallel, 0, Some(0.95)),
+        ("SEQUENTIAL, 64 in flight", proto::UnitMode::Sequential, 0, None),
+        ("PARALLEL, 1 in flight (layer 2 alone)", proto::UnitMode::Parallel, 1, None),
+    ];
+    let mut baselines = Vec::new();
+    let mut walls = vec![Vec::new(); variants.len()];
+    let mut ratios = vec![Vec::new(); variants.len()];
+    for _ in 0..args.repeat.max(1) {
+        for (v, (_, mode, in_flight, _)) in variants.iter().enumerate() {
+            // The baseline runs right before each fanout run: a paired ratio.
+            let (baseline, xor) = threads_baseline(&units, ids.len(), rounds, cores);
+            baselines.push(baseline);
+            let req = request(generated_records(ids.len()), rounds, *mode, *in_flight, false);
+            let (report, wall) = timed_run(&mut stack.client, req).await?;
+            for r in &report.results {
+                let out = struct_to_json(r.output.clone().unwrap_or_default());
+                let want = format!("{:016x}", xor[r.index as usize]);
+                if out.get("xor_digest").and_then(|v| v.as_str()) != Some(want.as_str()) {
+                    bail!("record {} digest differs from the baseline's", r.record_id);
+                }
+            }
+            walls[v].push(wall.as_secs_f64());
+            ratios[v].push(baseline / wall.as_secs_f64());
+        }
+    }
+    let baseline = median(&mut baselines);
+    table.add("efficiency", format!("baseline: {cores} plain threads, wall"), baseline, "s");
+    for (v, (name, _, _, target)) in variants.iter().enumerate() {
+        let ratio = median(&mut ratios[v]);
+        let target = target.map(|t| (format!(">= {t}"), ratio >= t));
+        table.compare(
+            "efficiency",
+            format!("fanout {name}: wall"),
+            median(&mut walls[v]),
+            baseline,
+            "s",
+            ratio,
+            target.as_ref().map(|(t, m)| (t.as_str(), *m)),
+        );
+    }
+    stack.stop().await
+}
+
+/// The floor: the same units on plain OS threads, one per core, pulling
+/// units off a shared counter. Returns the wall time and each record's XOR.
+fn threads_baseline(units: &[(usize, String)], records: usize, rounds: u64, cores: usize) -> (f64, Vec<u64>) {
+    let t = Instant::now();
+    let next = AtomicUsize::new(0);
+    let mut xor = vec![0u64; records];
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..cores)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    while let Some((r, input)) = units.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        mine.push((*r, unit_value(input.as_bytes(), rounds)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        for h in handles {
+            for (r, v) in h.join().expect("baseline thread") {
+                xor[r] ^= v;
+            }
+        }
+    });
+    (t.elapsed().as_secs_f64(), xor)
+}
+
+/// The median (sorts `v`).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+// --------------------------------------------------------------- overhead
+
+async fn bare_calls(url: &str, n: usize, concurrency: usize) -> Result<Duration> {
+    let client = RecordProcessorClient::new(Channel::from_shared(url.to_owned())?.connect().await?);
+    let params = Some(json_to_struct(params(0)));
+    let records = one_unit_records(n);
+    let t = Instant::now();
+    let mut calls = futures::stream::iter(records)
+        .map(|record| {
+            let mut c = client.clone();
+            let req = proto::ProcessRecordRequest {
+                run_id: "bench".into(),
+                record: Some(record),
+                unit_mode: proto::UnitMode::Parallel as i32,
+                params: params.clone(),
+                attempt: 1,
+            };
+            async move { c.process_record(req).await }
+        })
+        .buffer_unordered(concurrency);
+    while let Some(r) = calls.next().await {
+        r?;
+    }
+    Ok(t.elapsed())
+}
+
+async fn overhead(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let n = args.overhead_records;
+    let c = args.concurrency;
+    let (noop, stop) = start_noop().await?;
+    bare_calls(&noop, 1_000, c as usize).await?; // warm-up
+    let mut bares = Vec::new();
+    for processors in [1, 3] {
+        let mut stack = Stack::start(processors).await?;
+        timed_run(&mut stack.client, request(one_unit_records(1_000), 0, proto::UnitMode::Parallel, c, true))
+            .await?;
+        let (mut rates, mut ratios) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeat.max(1) {
+            let bare = n as f64 / bare_calls(&noop, n, c as usize).await?.as_secs_f64();
+            let req = request(one_unit_records(n), 0, proto::UnitMode::Parallel, c, true);
+            let (_, wall) = timed_run(&mut stack.client, req).await?;
+            let rate = n as f64 / wall.as_secs_f64();
+            bares.push(bare);
+            rates.push(rate);
+            ratios.push(rate / bare);
+        }
+        stack.stop().await?;
+        let ratio = median(&mut ratios);
+        let target = (processors == 1).then(|| (">= 0.8", ratio >= 0.8));
+        table.compare(
+            "overhead",
+            format!("fanout, {processors} processor(s), {c} in flight"),
+            median(&mut rates),
+            median(&mut bares.clone()),
+            "records/s",
+            ratio,
+            target,
+        );
+    }
+    stop.cancel();
+    table.add(
+        "overhead",
+        format!("baseline: bare no-op unary calls, {c} in flight"),
+        median(&mut bares),
+        "calls/s",
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- latency
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+async fn latency(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let n = args.latency_runs;
+    let (noop, stop) = start_noop().await?;
+    let mut client = RecordProcessorClient::new(Channel::from_shared(noop)?.connect().await?);
+    let req = proto::ProcessRecordRequest {
+        run_id: "bench".into(),
+        record: one_unit_records(1).pop(),
+        unit_mode: proto::UnitMode::Parallel as i32,
+        params: Some(json_to_struct(params(0))),
+        attempt: 1,
+    };
+    let mut stack = Stack::start(1).await?;
+    // Blocks of bare calls and runs alternate, so drifts in machine load
+    // fall on both; the first 50 of each kind warm up and are dropped.
+    let (mut bare, mut runs) = (Vec::new(), Vec::new());
+    let reps = args.repeat.max(1);
+    for rep in 0..reps {
+        let count = n.div_ceil(reps) + if rep == 0 { 50 } else { 0 };
+        for _ in 0..count {
+            let t = Instant::now();
+            client.process_record(req.clone()).await?;
+            bare.push(t.elapsed());
+        }
+        for _ in 0..count {
+            let req = request(one_unit_records(1), 0, proto::UnitMode::Parallel, 0, false);
+            let (_, wall) = timed_run(&mut stack.client, req).await?;
+            runs.push(wall);
+        }
+    }
+    stop.cancel();
+    stack.stop().await?;
+    let (bare, runs) = (sorted_after_warmup(bare, 50), sorted_after_warmup(runs, 50));
+    let (b50, b99) = (percentile(&bare, 0.5), percentile(&bare, 0.99));
+    let (r50, r99) = (percentile(&runs, 0.5), percentile(&runs, 0.99));
+    let ok = r50 <= 3.0 * b50;
+    table.compare(
+        "latency",
+        "Run of 1 record: p50 (baseline: bare call p50)",
+        r50,
+        b50,
+        "µs",
+        b50 / r50,
+        Some(("p50 <= 3x bare", ok)),
+    );
+    table.compare(
+        "latency",
+        "Run of 1 record: p99 (baseline: bare call p99)",
+        r99,
+        b99,
+        "µs",
+        b99 / r99,
+        None,
+    );
+    Ok(())
+}
+
+fn sorted_after_warmup(mut v: Vec<Duration>, warmup: usize) -> Vec<Duration> {
+    v.drain(..warmup);
+    v.sort();
+    v
+}
+
+// ------------------------------------------------------------------ scale
+
+/// Kills the child process on drop, so a failed bench leaves nothing behind.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Peak resident set size of a process, in MiB (VmHWM in /proc).
+fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc status")?;
+    Ok(kb / 1024.0)
+}
+
+async fn scale(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let n = args.scale_records;
+    let processors = start_processors(1).await?;
+    // The pipeline runs in a child process (this binary, hidden subcommand)
+    // so that its own peak memory can be read.
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["serve-pipeline", "--listen", "127.0.0.1:0", "--max-records", &n.to_string(), "--processors"])
+        .arg(processors[0].url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the pipeline child")?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let child = ChildGuard(child);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await??;
+    let addr = line.trim().rsplit(' ').next().context("no address in the child's startup line")?.to_owned();
+    ensure!(line.contains("listening on"), "unexpected startup line from the pipeline child: {line:?}");
+    let pid = child.0.id();
+    let idle = peak_rss_mib(pid)?;
+    let mut client = session::connect(&addr).await?;
+    let req = request(one_unit_records(n), 0, proto::UnitMode::Parallel, 0, true);
+    let (report, wall) = timed_run(&mut client, req).await?;
+    let peak = peak_rss_mib(pid)?;
+    drop(child);
+    for p in processors {
+        p.shutdown().await?;
+    }
+    let s = report.summary.unwrap_or_default();
+    table.add(
+        "scale",
+        format!("{n} records in one run (summary_only)"),
+        n as f64 / wall.as_secs_f64(),
+        "records/s",
+    );
+    table.add("scale", "records accounted for", f64::from(s.total_records_processed), "records");
+    table.add("scale", "pipeline peak RSS before the run", idle, "MiB");
+    table.compare(
+        "scale",
+        "pipeline peak RSS",
+        peak,
+        256.0,
+        "MiB",
+        256.0 / peak,
+        Some(("<= 256 MiB", peak <= 256.0)),
+    );
+    Ok(())
+}
