@@ -18,6 +18,7 @@ use clap::{Args, ValueEnum};
 use fanout::config::{PipelineConfig, ProcessorConfig};
 use fanout::convert::{json_to_struct, struct_to_json};
 use fanout::domain::JsonMap;
+use fanout::pipeline::balancer::PROCESSOR_SERVICE;
 use fanout::proto::record_processor_client::RecordProcessorClient;
 use fanout::proto::record_processor_server::{RecordProcessor, RecordProcessorServer};
 use fanout::proto::{self, pipeline_client::PipelineClient};
@@ -215,8 +216,12 @@ async fn start_noop() -> Result<(String, tokio_util::sync::CancellationToken)> {
         c
     });
     let signal = stop.clone().cancelled_owned();
+    // Health too, so a pipeline can use it as a processor.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status(PROCESSOR_SERVICE, tonic_health::ServingStatus::Serving).await;
     tokio::spawn(
         tonic::transport::Server::builder()
+            .add_service(health)
             .add_service(RecordProcessorServer::new(Noop))
             .serve_with_incoming_shutdown(incoming, signal),
     );
@@ -241,8 +246,12 @@ struct Stack {
 
 impl Stack {
     async fn start(n: usize) -> Result<Self> {
-        let processors = start_processors(n).await?;
-        let mut cfg = PipelineConfig::new(processors.iter().map(Running::url));
+        Self::over(start_processors(n).await?, Vec::new()).await
+    }
+
+    /// A pipeline over `processors` plus any `extra` endpoint URLs.
+    async fn over(processors: Vec<Running>, extra: Vec<String>) -> Result<Self> {
+        let mut cfg = PipelineConfig::new(processors.iter().map(Running::url).chain(extra));
         cfg.listen = "127.0.0.1:0".into();
         cfg.limits.max_records = usize::MAX;
         let pipeline = server::start_pipeline(&cfg).await?;
@@ -298,7 +307,7 @@ async fn timed_run(
     let t = Instant::now();
     let report = session::run(client, req, false).await?;
     let wall = t.elapsed();
-    let s = report.summary.clone().unwrap_or_default();
+    let s = report.summary.unwrap_or_default();
     ensure!(
         s.total_records_processed == n && s.records_succeeded == n,
         "run did not account for every record: {s:?}"
@@ -440,8 +449,15 @@ async fn overhead(args: &BenchArgs, table: &mut Table) -> Result<()> {
     let (noop, stop) = start_noop().await?;
     bare_calls(&noop, 1_000, c as usize).await?; // warm-up
     let mut bares = Vec::new();
-    for processors in [1, 3] {
-        let mut stack = Stack::start(processors).await?;
+    // (name, digest processors, the no-op server instead)
+    let setups = [
+        ("fanout, 1 processor", 1, false),
+        ("fanout, 3 processors", 3, false),
+        ("pipeline over the no-op server (no engine)", 0, true),
+    ];
+    for (name, processors, over_noop) in setups {
+        let extra = if over_noop { vec![noop.clone()] } else { Vec::new() };
+        let mut stack = Stack::over(start_processors(processors).await?, extra).await?;
         timed_run(&mut stack.client, request(one_unit_records(1_000), 0, proto::UnitMode::Parallel, c, true))
             .await?;
         let (mut rates, mut ratios) = (Vec::new(), Vec::new());
@@ -456,10 +472,10 @@ async fn overhead(args: &BenchArgs, table: &mut Table) -> Result<()> {
         }
         stack.stop().await?;
         let ratio = median(&mut ratios);
-        let target = (processors == 1).then(|| (">= 0.8", ratio >= 0.8));
+        let target = (processors == 1).then_some((">= 0.8", ratio >= 0.8));
         table.compare(
             "overhead",
-            format!("fanout, {processors} processor(s), {c} in flight"),
+            format!("{name}, {c} in flight"),
             median(&mut rates),
             median(&mut bares.clone()),
             "records/s",

@@ -4,6 +4,10 @@
 //! - `fanout demo`: start two processors and a pipeline in-process on
 //!   loopback, run a generated batch through them, print the report.
 
+// mimalloc: see services/bin/processor.rs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod input;
 mod render;

@@ -35,7 +35,7 @@ pub fn result_json(r: &proto::RecordResult) -> Value {
 
 /// The whole report as JSON.
 pub fn report_json(r: &proto::RunReport) -> Value {
-    let s = r.summary.clone().unwrap_or_default();
+    let s = r.summary.unwrap_or_default();
     json!({
         "run_id": r.run_id,
         "status": r.status().as_str_name(),
@@ -55,7 +55,7 @@ pub fn report_json(r: &proto::RunReport) -> Value {
 
 /// A readable summary: status, totals, rate, and each failed record.
 pub fn report_table(r: &proto::RunReport) -> String {
-    let s = r.summary.clone().unwrap_or_default();
+    let s = r.summary.unwrap_or_default();
     let secs = seconds(&r.elapsed);
     let rate = if secs > 0.0 { f64::from(s.total_records_processed) / secs } else { 0.0 };
     let mut out = format!(

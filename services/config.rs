@@ -31,6 +31,11 @@ pub struct ProcessorConfig {
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 4 * MIB)]
     pub max_message_bytes: usize,
+    /// A record whose units are expected (from recent units' durations) to
+    /// take less than this in all runs them on the async worker instead of
+    /// handing them to the unit threads, saving the handoff; 0 turns it off.
+    #[arg(long, env = "FANOUT_INLINE_BUDGET", default_value = "50us", value_parser = humantime::parse_duration)]
+    pub inline_budget: Duration,
     /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,

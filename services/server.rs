@@ -16,16 +16,22 @@ use crate::processor::ProcessorService;
 use crate::proto;
 use crate::workload::Workload;
 use futures::StreamExt;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::codegen::http::Response;
 use tonic::service::Routes;
 use tonic::transport::Server;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
@@ -42,6 +48,8 @@ pub struct Running {
     /// The address actually bound.
     pub addr: SocketAddr,
     stop: CancellationToken,
+    /// Severs every open connection at once (see [`Severable`]).
+    sever: CancellationToken,
     task: JoinHandle<Result<(), Error>>,
 }
 
@@ -70,6 +78,10 @@ impl Running {
     /// Aborts the server task at once: connections drop, nothing drains.
     /// Tests use it to stand for a crashed instance.
     pub fn abort(self) {
+        // tonic serves each connection on its own task, which aborting the
+        // accept task does not reach (and dropping it would drain them
+        // gracefully): sever them first.
+        self.sever.cancel();
         self.task.abort();
     }
 }
@@ -87,7 +99,10 @@ pub async fn start_processor<W: Workload>(
 ) -> Result<(Running, Arc<EngineStats>), Error> {
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
-    let engine = Arc::new(Engine::new(workload, cfg.unit_threads(), cfg.max_units_per_record));
+    let engine = Arc::new(
+        Engine::new(workload, cfg.unit_threads(), cfg.max_units_per_record)
+            .with_inline_budget(cfg.inline_budget),
+    );
     let stats = engine.stats().clone();
     info!(
         %addr,
@@ -205,14 +220,17 @@ fn spawn(
     cancel_rest: Option<CancellationToken>,
 ) -> Running {
     let stop = CancellationToken::new();
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn {
+    let sever = CancellationToken::new();
+    let severed = sever.clone();
+    let incoming = TcpListenerStream::new(listener).map(move |conn| {
+        conn.map(|c| {
             // Small unary messages: send at once rather than wait for Nagle.
             let _ = c.set_nodelay(true);
-        }
-        conn
+            Severable::new(c, severed.clone())
+        })
     });
     let signal = stop.clone();
+    let closing = sever.clone();
     let task = tokio::spawn(async move {
         let svc = tower::ServiceBuilder::new()
             .map_response(oversize_as_invalid_argument(max_message_bytes))
@@ -241,9 +259,83 @@ fn spawn(
             }
         }
         warn!(%addr, "closing with calls still open");
+        closing.cancel();
         Ok(())
     });
-    Running { addr, stop, task }
+    Running { addr, stop, sever, task }
+}
+
+/// An accepted connection that can be severed at once: reads and writes fail
+/// from the moment its token is cancelled, so hyper drops the connection and
+/// the calls on it. [`Running::abort`] uses it to stand for a crash, and
+/// shutdown to close what outlived its last bound.
+struct Severable {
+    io: tokio::net::TcpStream,
+    token: CancellationToken,
+    severed: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Severable {
+    fn new(io: tokio::net::TcpStream, token: CancellationToken) -> Self {
+        let severed = Box::pin(token.clone().cancelled_owned());
+        Self { io, token, severed }
+    }
+
+    /// An error once severed; otherwise arranges a wake-up for when it is.
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.token.is_cancelled() || self.severed.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server aborted"));
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for Severable {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Severable {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Severable {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix).

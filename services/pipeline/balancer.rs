@@ -120,6 +120,17 @@ impl Lease {
                 if std::error::Error::source(&status).is_some() {
                     debug!(processor = %self.endpoint.url, error = %status, "transport failure");
                     self.endpoint.set_state(DOWN);
+                    // hyper reports a call whose connection died under it
+                    // (the instance crashed) as "operation was canceled",
+                    // which tonic maps to CANCELLED; that is the instance
+                    // being unavailable, and worth another attempt elsewhere.
+                    if status.code() == tonic::Code::Cancelled {
+                        return Err(tonic::Status::unavailable(format!(
+                            "{} ({}: connection lost)",
+                            status.message(),
+                            self.endpoint.url
+                        )));
+                    }
                 }
                 Err(status)
             }

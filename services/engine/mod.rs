@@ -1,10 +1,22 @@
 //! The processor engine: runs one record through a [`Workload`].
 //!
-//! Units run on tokio's blocking pool, never on the async workers, and a
-//! semaphore with one permit per unit thread bounds how many run at once
+//! Units run on the processor's [`UnitPool`] of `unit_threads` OS threads,
+//! never on the async workers; the pool's size bounds how many run at once
 //! across *all* records in flight, so a burst of records cannot oversubscribe
 //! the cores. Dropping [`Engine::process`]'s future (the gRPC call was
 //! cancelled) stops every unit of that record that has not started yet.
+//!
+//! One exception, for speed: handing a unit to another thread and back costs
+//! a few microseconds, more than a trivial unit itself. The engine tracks a
+//! decaying maximum of recent unit durations ([`UnitCost`]); a record whose
+//! units together are expected to take less than the *inline budget* runs
+//! them on the async worker directly. One slow unit raises the estimate at
+//! once and sends later records back to the pool; it decays only slowly.
+//! A budget of zero turns this off.
+
+pub mod pool;
+
+pub use pool::UnitPool;
 
 use crate::domain::{RecordOutput, RecordTask, UnitMode};
 use crate::error::Error;
@@ -12,8 +24,7 @@ use crate::workload::{ErrorKind, Workload, WorkloadError};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::time::{Duration, Instant};
 use tracing::{Instrument, Span, debug, debug_span, trace};
 
 /// Counters an engine keeps; tests and operators read them.
@@ -40,12 +51,46 @@ impl EngineStats {
     }
 }
 
-/// Runs records through a workload on a bounded blocking pool.
+/// Runs records through a workload on a fixed pool of unit threads.
 pub struct Engine<W> {
     workload: Arc<W>,
-    permits: Arc<Semaphore>,
+    pool: UnitPool,
     max_units: usize,
     stats: Arc<EngineStats>,
+    cost: Arc<UnitCost>,
+    inline_budget: Duration,
+}
+
+/// A decaying maximum of recent unit durations: the engine's estimate of
+/// what one unit costs.
+#[derive(Debug)]
+pub struct UnitCost {
+    recent_max_ns: AtomicU64,
+}
+
+impl Default for UnitCost {
+    fn default() -> Self {
+        // Unknown until a unit has been measured: assume expensive.
+        Self { recent_max_ns: AtomicU64::new(u64::MAX) }
+    }
+}
+
+impl UnitCost {
+    /// Folds in one unit's duration: a slower unit raises the estimate at
+    /// once; each faster one lowers it by 1/16 of the gap.
+    pub fn observe(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let _ = self.recent_max_ns.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if ns >= old || old == u64::MAX { ns } else { old - (old - ns) / 16 })
+        });
+    }
+
+    /// Whether `units` units fit in `budget` by the current estimate.
+    pub fn fits(&self, units: usize, budget: Duration) -> bool {
+        let per_unit = self.recent_max_ns.load(Ordering::Relaxed);
+        let budget = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
+        per_unit != u64::MAX && per_unit.saturating_mul(units as u64) < budget
+    }
 }
 
 impl<W: Workload> Engine<W> {
@@ -54,10 +99,19 @@ impl<W: Workload> Engine<W> {
     pub fn new(workload: W, unit_threads: usize, max_units: usize) -> Self {
         Self {
             workload: Arc::new(workload),
-            permits: Arc::new(Semaphore::new(unit_threads.max(1))),
+            pool: UnitPool::new(unit_threads, "fanout-unit"),
             max_units,
             stats: Arc::default(),
+            cost: Arc::default(),
+            inline_budget: Duration::ZERO,
         }
+    }
+
+    /// Sets the inline budget (see the [module docs](self)); zero, the
+    /// default, sends every unit to the unit threads.
+    pub fn with_inline_budget(mut self, budget: Duration) -> Self {
+        self.inline_budget = budget;
+        self
     }
 
     /// The engine's counters.
@@ -118,9 +172,24 @@ impl<W: Workload> Engine<W> {
             });
         }
         debug!(units = count, mode = ?task.mode, "record started");
-        let ctx =
-            UnitCtx { count, record_id: id.clone(), cancelled: cancelled.clone(), span: Span::current() };
+        let ctx = UnitCtx {
+            count,
+            record_id: id.clone(),
+            cancelled: cancelled.clone(),
+            span: Span::current(),
+            cost: self.cost.clone(),
+        };
+        let inline = self.cost.fits(count, self.inline_budget);
         let outputs = match task.mode {
+            _ if inline => {
+                // Cheap by the estimate: cheaper to run here than to hand off.
+                let workload = &*self.workload;
+                units
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, u)| run_unit(workload, &self.stats, &ctx, i, u))
+                    .collect::<Result<_, _>>()?
+            }
             UnitMode::Sequential => self.sequential(units, ctx).await?,
             UnitMode::Parallel => {
                 let ctx = Arc::new(ctx);
@@ -138,37 +207,24 @@ impl<W: Workload> Engine<W> {
         Ok((output, count as u32))
     }
 
-    /// All units in order on one blocking thread, holding one permit.
+    /// All units in order on one unit thread.
     async fn sequential(&self, units: Vec<W::Unit>, ctx: UnitCtx) -> Result<Vec<W::Output>, Error> {
-        let permit = self.permit().await;
-        let workload = self.workload.clone();
-        let stats = self.stats.clone();
-        spawn_unit_work(move || {
-            let _permit = permit;
-            units
-                .into_iter()
-                .enumerate()
-                .map(|(i, unit)| run_unit(&*workload, &stats, &ctx, i, unit))
-                .collect()
-        })
-        .await
+        let (workload, stats) = (self.workload.clone(), self.stats.clone());
+        self.pool
+            .run(move || {
+                units
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, unit)| run_unit(&*workload, &stats, &ctx, i, unit))
+                    .collect()
+            })
+            .await?
     }
 
-    /// One unit on its own blocking task, once a permit is free.
+    /// One unit as its own job on the unit threads.
     async fn parallel_unit(&self, i: usize, unit: W::Unit, ctx: &Arc<UnitCtx>) -> Result<W::Output, Error> {
-        let permit = self.permit().await;
         let (workload, stats, ctx) = (self.workload.clone(), self.stats.clone(), ctx.clone());
-        spawn_unit_work(move || {
-            // The permit lives as long as the unit runs, even if the record's
-            // future is dropped meanwhile: the bound is on running CPU work.
-            let _permit = permit;
-            run_unit(&*workload, &stats, &ctx, i, unit)
-        })
-        .await
-    }
-
-    async fn permit(&self) -> OwnedSemaphorePermit {
-        self.permits.clone().acquire_owned().await.expect("the engine never closes its semaphore")
+        self.pool.run(move || run_unit(&*workload, &stats, &ctx, i, unit)).await?
     }
 }
 
@@ -178,9 +234,10 @@ struct UnitCtx {
     record_id: String,
     cancelled: Arc<AtomicBool>,
     span: Span,
+    cost: Arc<UnitCost>,
 }
 
-/// Runs one unit on the current (blocking) thread, turning errors and panics
+/// Runs one unit on the current (unit) thread, turning errors and panics
 /// into an [`Error`] naming the unit.
 fn run_unit<W: Workload>(
     workload: &W,
@@ -195,7 +252,9 @@ fn run_unit<W: Workload>(
     let _enter = ctx.span.enter();
     stats.units_started.fetch_add(1, Ordering::SeqCst);
     trace!(unit = i, units = ctx.count, "unit {}/{} of {}", i + 1, ctx.count, ctx.record_id);
+    let started = Instant::now();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| workload.process(unit)));
+    ctx.cost.observe(started.elapsed());
     stats.units_finished.fetch_add(1, Ordering::SeqCst);
     let unit_name = format!("unit {}/{}", i + 1, ctx.count);
     match result {
@@ -210,15 +269,6 @@ fn run_unit<W: Workload>(
             Err(Error::Internal(format!("record {:?}: {unit_name} panicked: {msg}", ctx.record_id)))
         }
     }
-}
-
-/// Runs CPU-bound work on the blocking pool.
-async fn spawn_unit_work<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Error::Internal(format!("unit task did not complete: {e}")))?
 }
 
 /// A workload error as the engine reports it: with the record and unit.
@@ -246,5 +296,30 @@ impl Drop for CancelGuard<'_> {
             self.stats.records_cancelled.fetch_add(1, Ordering::SeqCst);
             debug!("record cancelled; its remaining units will not start");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_cost_rises_at_once_and_decays_slowly() {
+        let cost = UnitCost::default();
+        let budget = Duration::from_micros(50);
+        assert!(!cost.fits(1, budget), "unknown cost is never inlined");
+        cost.observe(Duration::from_micros(2));
+        assert!(cost.fits(10, budget));
+        assert!(!cost.fits(100, budget), "the budget is for the whole record");
+        cost.observe(Duration::from_millis(100));
+        assert!(!cost.fits(1, budget), "one slow unit stops inlining at once");
+        for _ in 0..50 {
+            cost.observe(Duration::from_micros(2));
+        }
+        assert!(!cost.fits(1, budget), "and it takes many fast units to resume");
+        for _ in 0..500 {
+            cost.observe(Duration::from_micros(2));
+        }
+        assert!(cost.fits(1, budget));
     }
 }

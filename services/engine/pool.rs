@@ -1,0 +1,99 @@
+//! A fixed set of OS threads for CPU-bound units.
+//!
+//! Units never run on the async workers. Instead of tokio's blocking pool
+//! (up to 512 threads, one wake-up handoff per task, plus a semaphore to bound
+//! it), a processor owns exactly `threads` threads pulling jobs off one
+//! queue: the thread count is the bound on CPU-bound work, and a thread that
+//! finishes a unit takes the next without parking while work is queued.
+
+use crate::error::Error;
+use crossbeam_channel::{Sender, unbounded};
+use std::panic::AssertUnwindSafe;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// `threads` OS threads running submitted closures in FIFO order. The
+/// threads exit once the pool is dropped and the queue has drained.
+#[derive(Debug)]
+pub struct UnitPool {
+    jobs: Sender<Job>,
+    threads: usize,
+}
+
+impl UnitPool {
+    /// Starts `threads` (at least 1) threads named `{name}-{i}`.
+    pub fn new(threads: usize, name: &str) -> Self {
+        let threads = threads.max(1);
+        let (jobs, queue) = unbounded::<Job>();
+        for i in 0..threads {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = queue.recv() {
+                        // Jobs catch their own panics; this keeps the thread
+                        // alive even if one does not.
+                        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                    }
+                })
+                .expect("spawning a unit thread");
+        }
+        Self { jobs, threads }
+    }
+
+    /// Number of threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `work` on a pool thread and waits for its result. Dropping the
+    /// returned future does not stop a job already queued; the job should
+    /// check a cancellation flag before doing anything costly.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(work());
+            }))
+            .map_err(|_| Error::Internal("the unit pool has shut down".into()))?;
+        rx.await.map_err(|_| Error::Internal("a unit job ended without a result".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn runs_jobs_on_at_most_n_threads() {
+        let pool = UnitPool::new(2, "test-unit");
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let jobs = (0..16).map(|i| {
+            let (running, peak) = (running.clone(), peak.clone());
+            pool.run(move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                std::thread::yield_now();
+                running.fetch_sub(1, Ordering::SeqCst);
+                assert!(std::thread::current().name().unwrap().starts_with("test-unit-"));
+                i * 2
+            })
+        });
+        let out: Vec<usize> = futures::future::try_join_all(jobs).await.unwrap();
+        assert_eq!(out, (0..16).map(|i| i * 2).collect::<Vec<_>>());
+        assert!(peak.load(Ordering::SeqCst) <= 2);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_does_not_kill_its_thread() {
+        let pool = UnitPool::new(1, "test-unit");
+        assert!(pool.run(|| panic!("boom")).await.is_err());
+        assert_eq!(pool.run(|| 7).await.unwrap(), 7);
+    }
+}

@@ -1,0 +1,184 @@
+//! The real binaries: two `fanout-processor`s and a `fanout-pipeline` on
+//! ephemeral ports, a processor SIGKILLed mid-run, and SIGTERM draining the
+//! pipeline.
+
+mod common;
+
+use common::*;
+use fanout::proto::run_event::Event;
+use fanout::proto::{self, RunOptions};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing
+/// test never leaves servers behind.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts `exe` with `args` and reads the bound address from its startup
+    /// line `NAME listening on ADDR`.
+    fn start(exe: &str, name: &str, args: &[&str]) -> Self {
+        let child = Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {exe}: {e}"));
+        let mut server = Server { child, addr: "0.0.0.0:0".parse().unwrap() };
+        let stdout = server.child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        // Reads the startup line, then drains stdout until the child exits.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let prefix = format!("{name} listening on ");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|e| panic!("{name} startup line: {e}"));
+            if let Some(addr) = line.strip_prefix(&prefix) {
+                server.addr = addr.trim().parse().unwrap_or_else(|e| panic!("{name} address {addr:?}: {e}"));
+                return server;
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Waits (observing the child, under `limit`) for it to exit.
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process {} did not exit within {limit:?}", self.pid());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn processor() -> Server {
+    let exe = env!("CARGO_BIN_EXE_fanout-processor");
+    Server::start(exe, "fanout-processor", &["--listen", "127.0.0.1:0", "--unit-threads", "1"])
+}
+
+fn pipeline(processors: &[String], drain: &str) -> Server {
+    let exe = env!("CARGO_BIN_EXE_fanout-pipeline");
+    let list = processors.join(",");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--processors",
+        &list,
+        "--backoff-base",
+        "10ms",
+        "--drain-timeout",
+        drain,
+    ];
+    Server::start(exe, "fanout-pipeline", &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_killed_mid_run_loses_no_record() {
+    let a = processor();
+    let mut b = processor();
+    let (a_url, b_url) = (a.url(), b.url());
+    let pipeline = pipeline(&[a_url.clone(), b_url.clone()], "5s");
+    let mut client = pipeline_client(&pipeline.url()).await;
+
+    // Enough work that the run is still going when B is killed.
+    const N: usize = 40;
+    const ROUNDS: u64 = 100;
+    let ids = ids(N);
+    let mut req = run_request(records(N));
+    req.params = Some(rounds(ROUNDS));
+    req.options = Some(RunOptions { max_in_flight: 8, ..Default::default() });
+    let collect = async {
+        let mut stream = client.run(req).await.expect("Run").into_inner();
+        let first = stream.message().await.unwrap().expect("started");
+        let Some(Event::Started(started)) = first.event else { panic!("first event: {first:?}") };
+        let mut records = Vec::new();
+        let mut killed_after = None;
+        let report = loop {
+            match stream.message().await.expect("stream").expect("report").event.unwrap() {
+                Event::Record(r) => records.push(r),
+                Event::Report(r) => break r,
+                Event::Started(_) => panic!("second started"),
+            }
+            // Mid-run: after a few results, SIGKILL processor B.
+            if records.len() == 3 && killed_after.is_none() {
+                b.child.kill().expect("SIGKILL processor B");
+                killed_after = Some(records.len());
+            }
+        };
+        assert!(killed_after.is_some(), "B was killed before the run ended");
+        Collected { started, records, report }
+    };
+    let got = tokio::time::timeout(WAIT, collect).await.expect("run timed out");
+    b.wait_exit(WAIT);
+
+    got.assert_exactly_once(&ids);
+    assert_eq!(
+        got.status(),
+        proto::RunStatus::Succeeded,
+        "every record succeeds despite the crash: {:#?}",
+        got.failures()
+    );
+    for (i, r) in got.report.results.iter().enumerate() {
+        assert_output(r, &expected(&ids[i], None, ROUNDS));
+        assert!(r.processor == a_url || r.processor == b_url, "{}: {}", r.record_id, r.processor);
+        if r.attempts >= 2 {
+            assert_eq!(r.processor, a_url, "{}: retried onto the surviving processor", r.record_id);
+        }
+    }
+    assert!(got.summary().retries >= 1, "the records in flight on B were retried");
+
+    // The pipeline keeps working on the survivor.
+    let got = run_ok(&mut client, run_request(records(5))).await;
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
+    assert!(got.records.iter().all(|r| r.processor == a_url));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let mut a = processor();
+    let mut pipeline = pipeline(&[a.url()], "2s");
+    let mut client = pipeline_client(&pipeline.url()).await;
+    let got = run_ok(&mut client, run_request(records(5))).await;
+    got.assert_exactly_once(&ids(5));
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
+
+    for server in [&mut pipeline, &mut a] {
+        let term = Command::new("kill").args(["-TERM", &server.pid()]).status().expect("run kill");
+        assert!(term.success(), "kill -TERM {}", server.pid());
+        // Drain timeout 2 s (10 s for the processor) plus margin; an idle
+        // server exits at once.
+        let status = server.wait_exit(Duration::from_secs(14));
+        assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status:?}");
+    }
+}

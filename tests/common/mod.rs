@@ -1,0 +1,493 @@
+//! Helpers shared by the integration tests: in-process servers on loopback
+//! ports, gRPC clients, run collection with the stream's shape checked, an
+//! independent digest computation, and test workloads that inject faults.
+//!
+//! Nothing here sleeps in place of a signal: waits observe a stream, a
+//! counter or a channel, always under a timeout.
+
+#![allow(dead_code)]
+
+use fanout::config::{PipelineConfig, ProcessorConfig};
+use fanout::domain::{JsonMap, Record};
+use fanout::engine::EngineStats;
+use fanout::proto;
+use fanout::proto::pipeline_client::PipelineClient;
+use fanout::proto::record_processor_client::RecordProcessorClient;
+use fanout::proto::run_event::Event;
+use fanout::server::{self, Running};
+use fanout::workload::digest::{DigestUnit, default_unit_count, unit_value};
+use fanout::workload::{Digest, Workload, WorkloadError};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime};
+use tonic::transport::Channel;
+
+/// Upper bound on anything a test waits for; only reached when a test fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Rounds used by most tests: small, so the suite stays fast.
+pub const ROUNDS: u64 = 10;
+
+// ---------------------------------------------------------------- servers
+
+/// A processor config on an ephemeral loopback port with two unit threads.
+pub fn processor_config() -> ProcessorConfig {
+    ProcessorConfig {
+        listen: "127.0.0.1:0".into(),
+        unit_threads: Some(2),
+        drain_timeout: Duration::from_secs(2),
+        ..ProcessorConfig::default()
+    }
+}
+
+/// A pipeline config over `urls` on an ephemeral loopback port, with short
+/// backoff and health intervals.
+pub fn pipeline_config(urls: &[String]) -> PipelineConfig {
+    let mut cfg = PipelineConfig::new(urls.iter().cloned());
+    cfg.listen = "127.0.0.1:0".into();
+    cfg.backoff_base = Duration::from_millis(5);
+    cfg.backoff_max = Duration::from_millis(50);
+    cfg.health_interval = Duration::from_millis(200);
+    cfg.drain_timeout = Duration::from_secs(2);
+    cfg
+}
+
+/// A running in-process processor.
+pub struct Proc {
+    pub running: Running,
+    pub stats: Arc<EngineStats>,
+    pub url: String,
+}
+
+/// Starts a processor with `workload` and [`processor_config`].
+pub async fn start_processor<W: Workload>(workload: W) -> Proc {
+    start_processor_with(&processor_config(), workload).await
+}
+
+/// Starts a processor with `workload` and `cfg`.
+pub async fn start_processor_with<W: Workload>(cfg: &ProcessorConfig, workload: W) -> Proc {
+    let (running, stats) = server::start_processor(cfg, workload).await.expect("start processor");
+    let url = running.url();
+    Proc { running, stats, url }
+}
+
+/// Starts a pipeline over `urls` with [`pipeline_config`].
+pub async fn start_pipeline(urls: &[String]) -> Running {
+    server::start_pipeline(&pipeline_config(urls)).await.expect("start pipeline")
+}
+
+/// A connected `Pipeline` client.
+pub async fn pipeline_client(url: &str) -> PipelineClient<Channel> {
+    let ch = tokio::time::timeout(WAIT, Channel::from_shared(url.to_owned()).unwrap().connect())
+        .await
+        .expect("connect timed out")
+        .expect("connect to pipeline");
+    PipelineClient::new(ch)
+}
+
+/// A connected `RecordProcessor` client.
+pub async fn processor_client(url: &str) -> RecordProcessorClient<Channel> {
+    let ch = tokio::time::timeout(WAIT, Channel::from_shared(url.to_owned()).unwrap().connect())
+        .await
+        .expect("connect timed out")
+        .expect("connect to processor");
+    RecordProcessorClient::new(ch)
+}
+
+/// Reads a counter of an engine.
+pub fn get(counter: &AtomicU64) -> u64 {
+    EngineStats::get(counter)
+}
+
+/// Polls `cond` (a counter, a flag) until it holds; panics after [`WAIT`].
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let poll = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT, poll).await.is_err() {
+        panic!("timed out waiting for {what}");
+    }
+}
+
+// --------------------------------------------------------------- requests
+
+/// A JSON object literal as a protobuf `Struct`.
+pub fn pb_struct(v: Value) -> prost_types::Struct {
+    fanout::convert::json_to_struct(v.as_object().expect("a JSON object").clone())
+}
+
+/// A protobuf `Struct` as JSON.
+pub fn json(s: &prost_types::Struct) -> JsonMap {
+    fanout::convert::struct_to_json(s.clone())
+}
+
+/// `{"rounds": rounds}`.
+pub fn rounds(rounds: u64) -> prost_types::Struct {
+    pb_struct(serde_json::json!({ "rounds": rounds }))
+}
+
+/// The record ids `rec-000`, `rec-001`, ...
+pub fn ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("rec-{i:03}")).collect()
+}
+
+/// A record with no attributes.
+pub fn record(id: &str) -> proto::Record {
+    proto::Record { id: id.into(), attributes: None }
+}
+
+/// A record with attributes.
+pub fn record_with(id: &str, attributes: Value) -> proto::Record {
+    proto::Record { id: id.into(), attributes: Some(pb_struct(attributes)) }
+}
+
+/// Records `rec-000`.. with no attributes.
+pub fn records(n: usize) -> Vec<proto::Record> {
+    ids(n).iter().map(|id| record(id)).collect()
+}
+
+/// A run of `records` with [`ROUNDS`] rounds and default options.
+pub fn run_request(records: Vec<proto::Record>) -> proto::RunRequest {
+    proto::RunRequest { records, params: Some(rounds(ROUNDS)), ..Default::default() }
+}
+
+/// A `ProcessRecord` request for one record with [`ROUNDS`] rounds.
+pub fn process_request(record: proto::Record, mode: proto::UnitMode) -> proto::ProcessRecordRequest {
+    proto::ProcessRecordRequest {
+        run_id: "direct".into(),
+        record: Some(record),
+        unit_mode: mode as i32,
+        params: Some(rounds(ROUNDS)),
+        attempt: 1,
+    }
+}
+
+// ------------------------------------------------------------------- runs
+
+/// A run's stream, collected and checked for shape: `started` first, then
+/// `record` events, then `report` last, nothing after.
+#[derive(Debug, Clone)]
+pub struct Collected {
+    pub started: proto::RunStarted,
+    pub records: Vec<proto::RecordResult>,
+    pub report: proto::RunReport,
+}
+
+impl Collected {
+    /// The streamed result of record `id`.
+    pub fn record(&self, id: &str) -> &proto::RecordResult {
+        let found: Vec<_> = self.records.iter().filter(|r| r.record_id == id).collect();
+        assert_eq!(found.len(), 1, "record {id} must be streamed exactly once");
+        found[0]
+    }
+
+    /// Checks that every input record (ids in input order) was streamed
+    /// exactly once with the right index, and that the report (unless
+    /// `summary_only`) holds the same results in input order.
+    pub fn assert_exactly_once(&self, ids: &[String]) {
+        assert_eq!(self.started.record_count as usize, ids.len(), "started.record_count");
+        assert_eq!(self.records.len(), ids.len(), "one record event per input record");
+        let mut seen = HashSet::new();
+        for r in &self.records {
+            let i = r.index as usize;
+            assert!(i < ids.len(), "index {i} out of range");
+            assert!(seen.insert(i), "index {i} streamed twice");
+            assert_eq!(r.record_id, ids[i], "record_id at index {i}");
+        }
+        assert_eq!(seen.len(), ids.len());
+        let s = self.report.summary.as_ref().expect("report.summary");
+        assert_eq!(s.total_records_processed as usize, ids.len(), "summary.total_records_processed");
+        assert_eq!(
+            (s.records_succeeded + s.records_failed) as usize,
+            ids.len(),
+            "succeeded + failed = every record"
+        );
+        let succeeded = self.records.iter().filter(|r| r.status() == proto::RecordStatus::Succeeded).count();
+        assert_eq!(s.records_succeeded as usize, succeeded, "summary.records_succeeded");
+        let retries: u32 = self.records.iter().map(|r| r.attempts.saturating_sub(1)).sum();
+        assert_eq!(s.retries, retries, "summary.retries = attempts beyond the first");
+        if !self.report.results.is_empty() {
+            assert_eq!(self.report.results.len(), ids.len(), "report.results has every record");
+            for (i, r) in self.report.results.iter().enumerate() {
+                assert_eq!(r.index as usize, i, "report.results in input order");
+                let streamed = self.records.iter().find(|e| e.index as usize == i).unwrap();
+                assert_eq!(r, streamed, "report result {i} equals its streamed event");
+            }
+        }
+    }
+
+    /// The report's status.
+    pub fn status(&self) -> proto::RunStatus {
+        self.report.status()
+    }
+
+    /// The failed records, for assertion messages.
+    pub fn failures(&self) -> Vec<String> {
+        self.records
+            .iter()
+            .filter_map(|r| {
+                r.error.as_ref().map(|e| {
+                    format!("{} after {} attempts on {:?}: {e:?}", r.record_id, r.attempts, r.processor)
+                })
+            })
+            .collect()
+    }
+
+    /// The report's summary.
+    pub fn summary(&self) -> &proto::RunSummary {
+        self.report.summary.as_ref().expect("report.summary")
+    }
+}
+
+/// Calls `Run` and collects its whole stream (under [`WAIT`]). A status
+/// before the first event is returned as `Err`; anything out of shape panics.
+pub async fn run(
+    client: &mut PipelineClient<Channel>,
+    req: proto::RunRequest,
+) -> Result<Collected, tonic::Status> {
+    tokio::time::timeout(WAIT, run_inner(client, req)).await.expect("run timed out")
+}
+
+async fn run_inner(
+    client: &mut PipelineClient<Channel>,
+    req: proto::RunRequest,
+) -> Result<Collected, tonic::Status> {
+    let mut stream = client.run(req).await?.into_inner();
+    let first = stream.message().await?.expect("stream ended before any event");
+    let Some(Event::Started(started)) = first.event else { panic!("first event must be started: {first:?}") };
+    let mut records = Vec::new();
+    let report = loop {
+        let ev = stream.message().await.expect("stream failed mid-run").expect("stream ended before report");
+        match ev.event.expect("event set") {
+            Event::Started(s) => panic!("a second started event: {s:?}"),
+            Event::Record(r) => records.push(r),
+            Event::Report(r) => break r,
+        }
+    };
+    let after = stream.message().await.expect("stream failed after report");
+    assert!(after.is_none(), "events after the report: {after:?}");
+    Ok(Collected { started, records, report })
+}
+
+/// Runs `req`, expecting it to be accepted.
+pub async fn run_ok(client: &mut PipelineClient<Channel>, req: proto::RunRequest) -> Collected {
+    run(client, req).await.expect("Run rejected")
+}
+
+/// Asserts a timestamp is within a minute of the real time.
+pub fn assert_recent(t: &prost_types::Timestamp, what: &str) {
+    let t = SystemTime::try_from(*t).expect("valid timestamp");
+    let now = SystemTime::now();
+    let skew = now.duration_since(t).unwrap_or_else(|e| e.duration());
+    assert!(skew < Duration::from_secs(60), "{what} is {skew:?} away from now");
+}
+
+// ----------------------------------------------------------------- digest
+
+/// A record's digest output, computed here sequentially from the unit
+/// function alone (not through the engine).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expected {
+    pub unit_count: u64,
+    pub xor_digest: String,
+    pub min_unit: String,
+    pub max_unit: String,
+}
+
+/// The expected output of record `id` with `units` (or the default count).
+pub fn expected(id: &str, units: Option<u64>, rounds: u64) -> Expected {
+    let n = units.unwrap_or_else(|| default_unit_count(id));
+    let values: Vec<u64> = (0..n).map(|i| unit_value(format!("{id}/{i}").as_bytes(), rounds)).collect();
+    let hex = |v: u64| format!("{v:016x}");
+    Expected {
+        unit_count: n,
+        xor_digest: hex(values.iter().fold(0, |a, v| a ^ v)),
+        min_unit: hex(*values.iter().min().unwrap()),
+        max_unit: hex(*values.iter().max().unwrap()),
+    }
+}
+
+/// Checks a succeeded result's output against [`expected`].
+pub fn assert_output(r: &proto::RecordResult, want: &Expected) {
+    assert_eq!(r.status(), proto::RecordStatus::Succeeded, "{} status: {:?}", r.record_id, r.error);
+    assert!(r.error.is_none(), "{}: error set on success", r.record_id);
+    assert_eq!(u64::from(r.units_processed), want.unit_count, "{} units_processed", r.record_id);
+    let out = json(r.output.as_ref().expect("output"));
+    assert_eq!(out["unit_count"].as_f64(), Some(want.unit_count as f64), "{} unit_count", r.record_id);
+    assert_eq!(out["xor_digest"].as_str(), Some(want.xor_digest.as_str()), "{} xor_digest", r.record_id);
+    assert_eq!(out["min_unit"].as_str(), Some(want.min_unit.as_str()), "{} min_unit", r.record_id);
+    assert_eq!(out["max_unit"].as_str(), Some(want.max_unit.as_str()), "{} max_unit", r.record_id);
+}
+
+/// Asserts a failed result's code, that its message contains each of
+/// `needles`, and its attempts.
+pub fn assert_failed(r: &proto::RecordResult, code: tonic::Code, needles: &[&str], attempts: u32) {
+    assert_eq!(r.status(), proto::RecordStatus::Failed, "{} must fail", r.record_id);
+    let e = r.error.as_ref().unwrap_or_else(|| panic!("{}: failed without error", r.record_id));
+    assert_eq!(e.code, code as i32, "{} error code: {e:?}", r.record_id);
+    assert_eq!(e.code_name, fanout::convert::code_name(code), "{} code_name", r.record_id);
+    for n in needles {
+        assert!(e.message.contains(n), "{} error message {:?} must contain {n:?}", r.record_id, e.message);
+    }
+    assert_eq!(r.attempts, attempts, "{} attempts", r.record_id);
+    assert_eq!(r.units_processed, 0, "{} units_processed on failure", r.record_id);
+}
+
+// -------------------------------------------------------------- workloads
+
+/// A gate that blocks units until the test opens it.
+#[derive(Debug, Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Gate {
+    /// A closed gate.
+    pub fn closed() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Blocks until the gate is open.
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+    }
+
+    /// Opens the gate for every waiting and future unit.
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+
+    /// A guard that opens the gate when dropped, so a failing test never
+    /// leaves blocking threads (which the runtime waits for) stuck.
+    pub fn open_on_drop(self: &Arc<Self>) -> OpenOnDrop {
+        OpenOnDrop(self.clone())
+    }
+}
+
+/// Opens its gate when dropped.
+pub struct OpenOnDrop(Arc<Gate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+/// Faults shared by every processor of a test (so "the first N times a
+/// record is seen" counts across the fleet), plus a log of attempts.
+#[derive(Debug, Default)]
+pub struct Script {
+    /// Remaining transient failures per record id.
+    transient: Mutex<HashMap<String, u32>>,
+    /// Record ids that fail permanently.
+    permanent: HashSet<String>,
+    /// `(record id, unit index)` whose processing panics.
+    panic_at: Option<(String, usize)>,
+    /// Every attempt seen: `(record id, processor label)`, in order.
+    attempts: Mutex<Vec<(String, String)>>,
+}
+
+impl Script {
+    /// No faults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Record `id` fails transiently the first `times` times it is seen.
+    pub fn transient(self, id: &str, times: u32) -> Self {
+        self.transient.lock().unwrap().insert(id.into(), times);
+        self
+    }
+
+    /// Record `id` fails permanently.
+    pub fn permanent(mut self, id: &str) -> Self {
+        self.permanent.insert(id.into());
+        self
+    }
+
+    /// Unit `unit` (0-based) of record `id` panics.
+    pub fn panic_at(mut self, id: &str, unit: usize) -> Self {
+        self.panic_at = Some((id.into(), unit));
+        self
+    }
+
+    /// Processor labels that saw record `id`, in attempt order.
+    pub fn attempts_of(&self, id: &str) -> Vec<String> {
+        self.attempts.lock().unwrap().iter().filter(|(r, _)| r == id).map(|(_, p)| p.clone()).collect()
+    }
+
+    /// Every record id seen by any processor.
+    pub fn seen_ids(&self) -> HashSet<String> {
+        self.attempts.lock().unwrap().iter().map(|(r, _)| r.clone()).collect()
+    }
+}
+
+/// The digest workload with injected faults and an optional gate.
+pub struct TestWorkload {
+    label: String,
+    script: Arc<Script>,
+    gate: Option<Arc<Gate>>,
+}
+
+impl TestWorkload {
+    /// A workload labelled `label` (to tell processors apart) following
+    /// `script`.
+    pub fn new(label: &str, script: &Arc<Script>) -> Self {
+        Self { label: label.into(), script: script.clone(), gate: None }
+    }
+
+    /// Every unit blocks on `gate` before processing.
+    pub fn gated(mut self, gate: &Arc<Gate>) -> Self {
+        self.gate = Some(gate.clone());
+        self
+    }
+}
+
+impl Workload for TestWorkload {
+    type Unit = DigestUnit;
+    type Output = u64;
+
+    fn name(&self) -> &str {
+        "test-digest"
+    }
+
+    fn extract(&self, record: &Record, params: &JsonMap) -> Result<Vec<DigestUnit>, WorkloadError> {
+        let id = &record.id;
+        self.script.attempts.lock().unwrap().push((id.clone(), self.label.clone()));
+        if self.script.permanent.contains(id) {
+            return Err(WorkloadError::permanent("injected permanent failure"));
+        }
+        if let Some(left) = self.script.transient.lock().unwrap().get_mut(id)
+            && *left > 0
+        {
+            *left -= 1;
+            return Err(WorkloadError::transient(format!("injected transient failure on {}", self.label)));
+        }
+        Digest.extract(record, params)
+    }
+
+    fn process(&self, unit: DigestUnit) -> Result<u64, WorkloadError> {
+        if let Some(gate) = &self.gate {
+            gate.wait();
+        }
+        if let Some((id, i)) = &self.script.panic_at
+            && unit.input == format!("{id}/{i}")
+        {
+            panic!("injected panic in {}", unit.input);
+        }
+        Digest.process(unit)
+    }
+
+    fn aggregate(&self, record: &Record, outputs: Vec<u64>) -> Result<JsonMap, WorkloadError> {
+        Digest.aggregate(record, outputs)
+    }
+}
