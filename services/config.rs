@@ -79,7 +79,7 @@ pub struct PipelineConfig {
     /// How often each processor's health is checked.
     #[arg(long, env = "FANOUT_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
-    /// First retry delay; doubles per attempt, with full jitter.
+    /// First retry delay ceiling; doubles per attempt; each delay is random in [ceiling/2, ceiling].
     #[arg(long, env = "FANOUT_BACKOFF_BASE", default_value = "50ms", value_parser = humantime::parse_duration)]
     pub backoff_base: Duration,
     /// Longest retry delay.
