@@ -13,6 +13,7 @@ pub async fn connect(url: &str) -> Result<PipelineClient<Channel>> {
     let url = fanout::pipeline::balancer::normalize_url(url);
     let channel = Channel::from_shared(url.clone())
         .with_context(|| format!("pipeline URL {url:?}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
         .connect()
         .await
         .with_context(|| format!("connecting to the pipeline at {url}"))?;

@@ -3,6 +3,7 @@
 //! The structs are plain data too, so the demo and tests build them in code
 //! (`ProcessorConfig::default()`, `PipelineConfig::new(urls)`).
 
+use crate::error::Error;
 use clap::{Args, Parser};
 use std::time::Duration;
 
@@ -31,10 +32,13 @@ pub struct ProcessorConfig {
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 4 * MIB)]
     pub max_message_bytes: usize,
-    /// A record whose units are expected (from recent units' durations) to
-    /// take less than this in all runs them on the async worker instead of
-    /// handing them to the unit threads, saving the handoff; 0 turns it off.
-    #[arg(long, env = "FANOUT_INLINE_BUDGET", default_value = "50us", value_parser = humantime::parse_duration)]
+    /// Opt-in fast path for workloads whose units are all tiny: a record
+    /// whose units are expected (from recent units' durations, across all
+    /// params) to take less than this in all runs on the async worker instead
+    /// of the unit threads, saving two thread handoffs. A unit much slower
+    /// than the recent ones would then block an async worker and could not be
+    /// cancelled, so leave it at 0 (off) unless every unit is cheap.
+    #[arg(long, env = "FANOUT_INLINE_BUDGET", default_value = "0s", value_parser = humantime::parse_duration)]
     pub inline_budget: Duration,
     /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -42,12 +46,33 @@ pub struct ProcessorConfig {
 }
 
 impl Default for ProcessorConfig {
+    /// The documented defaults (env vars are not read).
     fn default() -> Self {
-        Self::parse_from(["fanout-processor"])
+        defaults(&["fanout-processor"])
     }
 }
 
+/// Parses `args` with every env var ignored: the documented defaults, for
+/// configs built in code (a library must not pick up, or exit on, a stray
+/// `FANOUT_*` variable).
+fn defaults<T: Parser>(args: &[&str]) -> T {
+    let cmd = T::command().mut_args(|a| a.env(None::<&'static str>));
+    let matches = cmd.try_get_matches_from(args).expect("the defaults parse");
+    T::from_arg_matches(&matches).expect("the defaults convert")
+}
+
+/// `Err` naming `flag` when `value` is zero.
+fn at_least_one(value: u64, flag: &str) -> Result<(), Error> {
+    if value == 0 { Err(Error::Config(format!("{flag} must be at least 1"))) } else { Ok(()) }
+}
+
 impl ProcessorConfig {
+    /// Checks the settings that must be non-zero.
+    pub fn validate(&self) -> Result<(), Error> {
+        at_least_one(self.max_units_per_record as u64, "--max-units-per-record")?;
+        at_least_one(self.max_message_bytes as u64, "--max-message-bytes")
+    }
+
     /// Unit threads, defaulting to the machine's cores.
     pub fn unit_threads(&self) -> usize {
         self.unit_threads
@@ -95,11 +120,28 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// Defaults, with these processor endpoints.
+    /// The documented defaults (env vars are not read), with these
+    /// processor endpoints.
     pub fn new<S: Into<String>>(processors: impl IntoIterator<Item = S>) -> Self {
-        let mut cfg = Self::parse_from(["fanout-pipeline", "--processors", "x"]);
+        let mut cfg: Self = defaults(&["fanout-pipeline", "--processors", "x"]);
         cfg.processors = processors.into_iter().map(Into::into).collect();
         cfg
+    }
+
+    /// Checks the settings that must be non-zero (a zero `max_in_flight`
+    /// would never start a record).
+    pub fn validate(&self) -> Result<(), Error> {
+        let l = &self.limits;
+        at_least_one(l.max_records as u64, "--max-records")?;
+        at_least_one(l.default_max_in_flight as u64, "--default-max-in-flight")?;
+        at_least_one(l.max_in_flight_limit as u64, "--max-in-flight-limit")?;
+        at_least_one(l.default_max_attempts.into(), "--default-max-attempts")?;
+        at_least_one(l.max_attempts_limit.into(), "--max-attempts-limit")?;
+        at_least_one(self.max_message_bytes as u64, "--max-message-bytes")?;
+        if l.default_record_timeout.is_zero() {
+            return Err(Error::Config("--default-record-timeout must be positive".into()));
+        }
+        Ok(())
     }
 }
 
@@ -129,5 +171,21 @@ pub struct RunLimits {
 impl Default for RunLimits {
     fn default() -> Self {
         PipelineConfig::new(Vec::<String>::new()).limits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_zero_limits_are_refused() {
+        assert!(ProcessorConfig::default().validate().is_ok());
+        let mut cfg = PipelineConfig::new(["127.0.0.1:1"]);
+        assert!(cfg.validate().is_ok());
+        assert_eq!(cfg.limits.default_max_in_flight, 64);
+        cfg.limits.default_max_in_flight = 0;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("--default-max-in-flight"), "{err}");
     }
 }

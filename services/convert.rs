@@ -126,7 +126,8 @@ pub fn run_spec_from_proto(req: proto::RunRequest, limits: &RunLimits) -> Result
 
 fn run_options_from_proto(o: proto::RunOptions, limits: &RunLimits) -> Result<RunOptions, Error> {
     let max_in_flight = match o.max_in_flight as usize {
-        0 => limits.default_max_in_flight,
+        // A default over the limit is capped by it.
+        0 => limits.default_max_in_flight.min(limits.max_in_flight_limit),
         n if n > limits.max_in_flight_limit => {
             return Err(Error::LimitExceeded {
                 what: "options.max_in_flight".into(),
@@ -138,7 +139,7 @@ fn run_options_from_proto(o: proto::RunOptions, limits: &RunLimits) -> Result<Ru
         n => n,
     };
     let max_attempts = match o.max_attempts {
-        0 => limits.default_max_attempts,
+        0 => limits.default_max_attempts.min(limits.max_attempts_limit),
         n if n > limits.max_attempts_limit => {
             return Err(Error::LimitExceeded {
                 what: "options.max_attempts".into(),

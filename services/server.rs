@@ -97,6 +97,7 @@ pub async fn start_processor<W: Workload>(
     cfg: &ProcessorConfig,
     workload: W,
 ) -> Result<(Running, Arc<EngineStats>), Error> {
+    cfg.validate()?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let engine = Arc::new(
@@ -135,6 +136,7 @@ pub async fn start_processor<W: Workload>(
 
 /// Starts a `Pipeline` over `cfg.processors` on `cfg.listen`.
 pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
+    cfg.validate()?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let cancel_runs = CancellationToken::new();
@@ -226,7 +228,7 @@ fn spawn(
         conn.map(|c| {
             // Small unary messages: send at once rather than wait for Nagle.
             let _ = c.set_nodelay(true);
-            Severable::new(c, severed.clone())
+            Severable::new(c, &severed)
         })
     });
     let signal = stop.clone();
@@ -235,17 +237,24 @@ fn spawn(
         let svc = tower::ServiceBuilder::new()
             .map_response(oversize_as_invalid_argument(max_message_bytes))
             .service(routes.prepare());
-        let serve =
-            Server::builder().serve_with_incoming_shutdown(svc, incoming, signal.clone().cancelled_owned());
+        let stop_accepting = CancellationToken::new();
+        let serve = Server::builder().serve_with_incoming_shutdown(
+            svc,
+            incoming,
+            stop_accepting.clone().cancelled_owned(),
+        );
         let mut serve = std::pin::pin!(serve);
         let transport = |e: tonic::transport::Error| Error::Transport(e.to_string());
         tokio::select! {
             r = &mut serve => return r.map_err(transport),
             _ = signal.cancelled() => {}
         }
-        info!(%addr, drain_timeout = ?drain, "shutting down: draining open calls");
+        // NOT_SERVING first, while health watchers are still connected, then
+        // stop accepting.
         reporter.set_service_status(service, ServingStatus::NotServing).await;
         reporter.set_service_status("", ServingStatus::NotServing).await;
+        info!(%addr, drain_timeout = ?drain, "shutting down: draining open calls");
+        stop_accepting.cancel();
         if let Ok(r) = tokio::time::timeout(drain, &mut serve).await {
             info!(%addr, "stopped");
             return r.map_err(transport);
@@ -269,21 +278,26 @@ fn spawn(
 /// from the moment its token is cancelled, so hyper drops the connection and
 /// the calls on it. [`Running::abort`] uses it to stand for a crash, and
 /// shutdown to close what outlived its last bound.
+///
+/// Each connection watches a child token of its own: the check runs on every
+/// read and write, and a token's state sits behind a mutex, which one token
+/// shared by all connections would make a process-wide point of contention.
 struct Severable {
     io: tokio::net::TcpStream,
-    token: CancellationToken,
     severed: Pin<Box<WaitForCancellationFutureOwned>>,
+    done: bool,
 }
 
 impl Severable {
-    fn new(io: tokio::net::TcpStream, token: CancellationToken) -> Self {
-        let severed = Box::pin(token.clone().cancelled_owned());
-        Self { io, token, severed }
+    fn new(io: tokio::net::TcpStream, server: &CancellationToken) -> Self {
+        let severed = Box::pin(server.child_token().cancelled_owned());
+        Self { io, severed, done: false }
     }
 
     /// An error once severed; otherwise arranges a wake-up for when it is.
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.token.is_cancelled() || self.severed.as_mut().poll(cx).is_ready() {
+        if self.done || self.severed.as_mut().poll(cx).is_ready() {
+            self.done = true;
             return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server aborted"));
         }
         Ok(())

@@ -10,6 +10,7 @@ use fanout::proto::run_event::Event;
 use fanout::proto::{self, RunOptions, UnitMode};
 use fanout::workload::Digest;
 use serde_json::json;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -124,6 +125,30 @@ async fn panicking_unit_fails_its_record_and_the_processor_keeps_serving() {
     let got = run_ok(&mut client, run_request(records(4))).await;
     got.assert_exactly_once(&ids[..4]);
     assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_outside_units_fails_the_record_not_the_processor() {
+    let script = Arc::new(Script::new().panic_in_extract("bad"));
+    let a = start_processor(TestWorkload::new("A", &script)).await;
+    let b = start_processor(TestWorkload::new("B", &script)).await;
+    let pipeline = start_pipeline(&[a.url.clone(), b.url.clone()]).await;
+    let mut client = pipeline_client(&pipeline.url()).await;
+
+    let mut recs = records(6);
+    recs.push(record("bad"));
+    let mut req = run_request(recs);
+    req.options = Some(RunOptions { max_attempts: 2, ..Default::default() });
+    let got = run_ok(&mut client, req).await;
+    assert_eq!(got.status(), proto::RunStatus::PartiallyFailed);
+    assert_failed(got.record("bad"), Code::Internal, &["\"bad\"", "extracting units panicked"], 2);
+
+    // Neither processor was taken for dead: a later run still uses both.
+    let later: Vec<String> = (0..20).map(|i| format!("later-{i}")).collect();
+    let got = run_ok(&mut client, run_request(later.iter().map(|id| record(id)).collect())).await;
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
+    let used: HashSet<String> = later.iter().flat_map(|id| script.attempts_of(id)).collect();
+    assert_eq!(used.len(), 2, "both processors serve after the panic: {used:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,13 +6,15 @@
 //! the cores. Dropping [`Engine::process`]'s future (the gRPC call was
 //! cancelled) stops every unit of that record that has not started yet.
 //!
-//! One exception, for speed: handing a unit to another thread and back costs
-//! a few microseconds, more than a trivial unit itself. The engine tracks a
-//! decaying maximum of recent unit durations ([`UnitCost`]); a record whose
-//! units together are expected to take less than the *inline budget* runs
-//! them on the async worker directly. One slow unit raises the estimate at
-//! once and sends later records back to the pool; it decays only slowly.
-//! A budget of zero turns this off.
+//! One opt-in exception, for workloads whose units are all tiny: handing a
+//! unit to another thread and back costs a few microseconds, more than such
+//! a unit itself. The engine tracks a decaying maximum of recent unit
+//! durations ([`UnitCost`]); with a non-zero *inline budget*, a record whose
+//! units together are expected to take less than it runs them on the async
+//! worker directly. The estimate cannot foresee a unit far slower than the
+//! recent ones (say, the same workload with bigger params): such a unit would
+//! block an async worker and ignore cancellation, which is why the budget is
+//! zero (off) unless the operator sets it.
 
 pub mod pool;
 
@@ -160,8 +162,7 @@ impl<W: Workload> Engine<W> {
         cancelled: &Arc<AtomicBool>,
     ) -> Result<(crate::domain::JsonMap, u32), Error> {
         let id = &task.record.id;
-        let units =
-            self.workload.extract(&task.record, &task.params).map_err(|e| record_error(id, None, e))?;
+        let units = guarded(id, "extracting units", || self.workload.extract(&task.record, &task.params))?;
         let count = units.len();
         if count > self.max_units {
             return Err(Error::LimitExceeded {
@@ -203,7 +204,7 @@ impl<W: Workload> Engine<W> {
                 outputs?
             }
         };
-        let output = self.workload.aggregate(&task.record, outputs).map_err(|e| record_error(id, None, e))?;
+        let output = guarded(id, "aggregating", || self.workload.aggregate(&task.record, outputs))?;
         Ok((output, count as u32))
     }
 
@@ -253,27 +254,39 @@ fn run_unit<W: Workload>(
     stats.units_started.fetch_add(1, Ordering::SeqCst);
     trace!(unit = i, units = ctx.count, "unit {}/{} of {}", i + 1, ctx.count, ctx.record_id);
     let started = Instant::now();
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| workload.process(unit)));
+    let result = guarded(&ctx.record_id, &format!("unit {}/{}", i + 1, ctx.count), || workload.process(unit));
     ctx.cost.observe(started.elapsed());
     stats.units_finished.fetch_add(1, Ordering::SeqCst);
-    let unit_name = format!("unit {}/{}", i + 1, ctx.count);
-    match result {
+    result
+}
+
+/// Runs one step of the workload (`what`, e.g. "unit 3/17"), turning its
+/// error into one naming the record and the step, and a panic into
+/// `INTERNAL`: a panicking workload fails the record, never the call's task
+/// (which would reset the stream and look like a dead processor).
+fn guarded<T>(
+    record_id: &str,
+    what: &str,
+    step: impl FnOnce() -> Result<T, WorkloadError>,
+) -> Result<T, Error> {
+    match std::panic::catch_unwind(AssertUnwindSafe(step)) {
         Ok(Ok(out)) => Ok(out),
-        Ok(Err(e)) => Err(record_error(&ctx.record_id, Some(&unit_name), e)),
+        Ok(Err(e)) => Err(record_error(record_id, what, e)),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".into());
-            Err(Error::Internal(format!("record {:?}: {unit_name} panicked: {msg}", ctx.record_id)))
+            Err(Error::Internal(format!("record {record_id:?}: {what} panicked: {msg}")))
         }
     }
 }
 
-/// A workload error as the engine reports it: with the record and unit.
-fn record_error(record_id: &str, unit: Option<&str>, e: WorkloadError) -> Error {
-    let at = unit.map(|u| format!(" {u}")).unwrap_or_default();
+/// A workload error as the engine reports it: with the record, and the unit
+/// when a unit failed (invalid input already names its field).
+fn record_error(record_id: &str, what: &str, e: WorkloadError) -> Error {
+    let at = if what.starts_with("unit ") { format!(" {what}") } else { String::new() };
     let msg = format!("record {record_id:?}{at}: {e}");
     match e.kind {
         ErrorKind::Invalid => Error::InvalidArgument(msg),

@@ -104,7 +104,8 @@ async fn execute_inner(
     let mut in_flight = FuturesUnordered::new();
     let mut abort = None;
     loop {
-        while in_flight.len() < opts.max_in_flight {
+        // max(1): even a misconfigured limit of 0 must not strand records.
+        while in_flight.len() < opts.max_in_flight.max(1) {
             let Some((index, record)) = pending.next() else { break };
             in_flight.push(process_record(ctx.clone(), index, record));
         }

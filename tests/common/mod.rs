@@ -392,6 +392,8 @@ pub struct Script {
     permanent: HashSet<String>,
     /// `(record id, unit index)` whose processing panics.
     panic_at: Option<(String, usize)>,
+    /// Record ids whose unit extraction panics.
+    panic_in_extract: HashSet<String>,
     /// Every attempt seen: `(record id, processor label)`, in order.
     attempts: Mutex<Vec<(String, String)>>,
 }
@@ -417,6 +419,12 @@ impl Script {
     /// Unit `unit` (0-based) of record `id` panics.
     pub fn panic_at(mut self, id: &str, unit: usize) -> Self {
         self.panic_at = Some((id.into(), unit));
+        self
+    }
+
+    /// Extracting the units of record `id` panics.
+    pub fn panic_in_extract(mut self, id: &str) -> Self {
+        self.panic_in_extract.insert(id.into());
         self
     }
 
@@ -465,6 +473,9 @@ impl Workload for TestWorkload {
         self.script.attempts.lock().unwrap().push((id.clone(), self.label.clone()));
         if self.script.permanent.contains(id) {
             return Err(WorkloadError::permanent("injected permanent failure"));
+        }
+        if self.script.panic_in_extract.contains(id) {
+            panic!("injected panic extracting {id}");
         }
         if let Some(left) = self.script.transient.lock().unwrap().get_mut(id)
             && *left > 0
