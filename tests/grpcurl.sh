@@ -24,20 +24,25 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-# start NAME ARGS...: runs a binary, waits for its "listening on ADDR" line, prints ADDR.
+# start VAR NAME ARGS...: runs a binary in the background, waits for its
+# "listening on ADDR" line, and sets VAR to ADDR. (Not a $(...) subshell, so
+# the pid reaches the cleanup trap.)
 start() {
-  local out; out=$(mktemp)
-  "$bin/$1" "${@:2}" >"$out" 2>/dev/null &
+  local var=$1 out; out=$(mktemp)
+  "$bin/$2" "${@:3}" >"$out" 2>/dev/null &
   pids+=($!)
   for _ in $(seq 1 100); do
-    if grep -q "listening on" "$out"; then awk '/listening on/ {print $NF; exit}' "$out"; return; fi
+    if grep -q "listening on" "$out"; then
+      printf -v "$var" '%s' "$(awk '/listening on/ {print $NF; exit}' "$out")"
+      return
+    fi
     sleep 0.1
   done
-  echo "$1 did not start" >&2; exit 1
+  echo "$2 did not start" >&2; exit 1
 }
 
-proc_addr=$(start fanout-processor --listen 127.0.0.1:0)
-pipe_addr=$(start fanout-pipeline --listen 127.0.0.1:0 --processors "$proc_addr")
+start proc_addr fanout-processor --listen 127.0.0.1:0
+start pipe_addr fanout-pipeline --listen 127.0.0.1:0 --processors "$proc_addr"
 echo "processor $proc_addr, pipeline $pipe_addr"
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
