@@ -192,17 +192,7 @@ impl<W: Workload> Engine<W> {
                     .collect::<Result<_, _>>()?
             }
             UnitMode::Sequential => self.sequential(units, ctx).await?,
-            UnitMode::Parallel => {
-                let ctx = Arc::new(ctx);
-                let futures =
-                    units.into_iter().enumerate().map(|(i, unit)| self.parallel_unit(i, unit, &ctx));
-                let outputs = futures::future::try_join_all(futures).await;
-                if outputs.is_err() {
-                    // Units already spawned but not yet running skip themselves.
-                    ctx.cancelled.store(true, Ordering::SeqCst);
-                }
-                outputs?
-            }
+            UnitMode::Parallel => self.parallel(units, ctx).await?,
         };
         let output = guarded(id, "aggregating", || self.workload.aggregate(&task.record, outputs))?;
         Ok((output, count as u32))
@@ -222,10 +212,48 @@ impl<W: Workload> Engine<W> {
             .await?
     }
 
-    /// One unit as its own job on the unit threads.
-    async fn parallel_unit(&self, i: usize, unit: W::Unit, ctx: &Arc<UnitCtx>) -> Result<W::Output, Error> {
-        let (workload, stats, ctx) = (self.workload.clone(), self.stats.clone(), ctx.clone());
-        self.pool.run(move || run_unit(&*workload, &stats, &ctx, i, unit)).await?
+    /// Every unit as its own job on the unit threads (the `join_all` of the
+    /// design, woken once for the whole record rather than once per unit).
+    /// The first failing unit makes the others that have not started skip.
+    async fn parallel(&self, units: Vec<W::Unit>, ctx: UnitCtx) -> Result<Vec<W::Output>, Error> {
+        let ctx = Arc::new(ctx);
+        let jobs: Vec<_> = units
+            .into_iter()
+            .enumerate()
+            .map(|(i, unit)| {
+                let (workload, stats, ctx) = (self.workload.clone(), self.stats.clone(), ctx.clone());
+                move || {
+                    let out = run_unit(&*workload, &stats, &ctx, i, unit);
+                    if out.is_err() {
+                        ctx.cancelled.store(true, Ordering::SeqCst);
+                    }
+                    out
+                }
+            })
+            .collect();
+        let results = self.pool.run_all(jobs).await?;
+        let mut outputs = Vec::with_capacity(results.len());
+        let mut skipped = None;
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Some(Ok(out)) => outputs.push(out),
+                // Skipped because another unit failed: report that one.
+                Some(Err(e @ Error::Cancelled(_))) => skipped = skipped.or(Some(e)),
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(Error::Internal(format!(
+                        "record {:?}: unit {}/{} ended without a result",
+                        ctx.record_id,
+                        i + 1,
+                        ctx.count
+                    )));
+                }
+            }
+        }
+        match skipped {
+            Some(e) => Err(e),
+            None => Ok(outputs),
+        }
     }
 }
 

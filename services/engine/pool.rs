@@ -9,6 +9,8 @@
 use crate::error::Error;
 use crossbeam_channel::{Sender, unbounded};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -63,6 +65,60 @@ impl UnitPool {
     }
 }
 
+/// The results of a batch of jobs, and who to wake when the last is in.
+struct Batch<T> {
+    slots: Vec<Mutex<Option<T>>>,
+    remaining: AtomicUsize,
+    done: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+/// Counts a job of a batch as finished when dropped, so that a job that
+/// panicked still lets the batch complete (with its slot left empty).
+struct Finished<T>(Arc<Batch<T>>);
+
+impl<T> Drop for Finished<T> {
+    fn drop(&mut self) {
+        if self.0.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(done) = self.0.done.lock().expect("batch lock").take()
+        {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl UnitPool {
+    /// Runs every job on the pool threads, concurrently, and waits for all
+    /// of them: the results come back in job order. The waiting task is
+    /// woken once, when the last job finishes, not once per job. A job
+    /// that panicked yields `None`.
+    pub async fn run_all<T, F>(&self, jobs: Vec<F>) -> Result<Vec<Option<T>>, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let batch = Arc::new(Batch {
+            slots: jobs.iter().map(|_| Mutex::new(None)).collect(),
+            remaining: AtomicUsize::new(jobs.len()),
+            done: Mutex::new(Some(tx)),
+        });
+        for (i, job) in jobs.into_iter().enumerate() {
+            let finished = Finished(batch.clone());
+            self.jobs
+                .send(Box::new(move || {
+                    let out = job();
+                    *finished.0.slots[i].lock().expect("slot lock") = Some(out);
+                }))
+                .map_err(|_| Error::Internal("the unit pool has shut down".into()))?;
+        }
+        rx.await.map_err(|_| Error::Internal("a batch of unit jobs ended without a result".into()))?;
+        Ok(batch.slots.iter().map(|s| s.lock().expect("slot lock").take()).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +144,18 @@ mod tests {
         let out: Vec<usize> = futures::future::try_join_all(jobs).await.unwrap();
         assert_eq!(out, (0..16).map(|i| i * 2).collect::<Vec<_>>());
         assert!(peak.load(Ordering::SeqCst) <= 2);
+    }
+
+    #[tokio::test]
+    async fn run_all_returns_in_order_even_past_a_panic() {
+        let pool = UnitPool::new(2, "test-unit");
+        let jobs: Vec<Box<dyn FnOnce() -> usize + Send>> = (0..10)
+            .map(|i: usize| Box::new(move || if i == 3 { panic!("boom") } else { i * 10 }) as Box<_>)
+            .collect();
+        let out = pool.run_all(jobs).await.unwrap();
+        let want: Vec<Option<usize>> = (0..10).map(|i| (i != 3).then_some(i * 10)).collect();
+        assert_eq!(out, want);
+        assert!(pool.run_all(Vec::<fn() -> u8>::new()).await.unwrap().is_empty());
     }
 
     #[tokio::test]
