@@ -138,13 +138,6 @@ pub struct RecordResult {
     pub elapsed: Duration,
 }
 
-impl RecordResult {
-    /// Whether the record succeeded.
-    pub fn succeeded(&self) -> bool {
-        matches!(self.outcome, Outcome::Succeeded { .. })
-    }
-}
-
 /// The outcome of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunStatus {

@@ -19,7 +19,6 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 pub struct UnitPool {
     jobs: Sender<Job>,
-    threads: usize,
 }
 
 impl UnitPool {
@@ -40,12 +39,7 @@ impl UnitPool {
                 })
                 .expect("spawning a unit thread");
         }
-        Self { jobs, threads }
-    }
-
-    /// Number of threads.
-    pub fn threads(&self) -> usize {
-        self.threads
+        Self { jobs }
     }
 
     /// Runs `work` on a pool thread and waits for its result. Dropping the
