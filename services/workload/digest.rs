@@ -58,12 +58,24 @@ fn whole_number(v: &Value) -> Option<u64> {
     (f.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(&f)).then_some(f as u64)
 }
 
+/// A JSON value for an error message: whole numbers without the `.0` that
+/// protobuf's doubles give them.
+fn shown(v: &Value) -> String {
+    match v.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        _ => v.to_string(),
+    }
+}
+
 /// `params.rounds`, validated.
 pub fn rounds(params: &JsonMap) -> Result<u64, WorkloadError> {
     match params.get("rounds") {
         None => Ok(DEFAULT_ROUNDS),
         Some(v) => whole_number(v).ok_or_else(|| {
-            WorkloadError::invalid("params.rounds", format!("must be a non-negative integer, got {v}"))
+            WorkloadError::invalid(
+                "params.rounds",
+                format!("must be a non-negative integer, got {}", shown(v)),
+            )
         }),
     }
 }
@@ -83,7 +95,7 @@ impl Workload for Digest {
             Some(v) => whole_number(v).filter(|n| (1..=MAX_UNITS).contains(n)).ok_or_else(|| {
                 WorkloadError::invalid(
                     "attributes.units",
-                    format!("must be an integer from 1 to {MAX_UNITS}, got {v}"),
+                    format!("must be an integer from 1 to {MAX_UNITS}, got {}", shown(v)),
                 )
             })?,
         };
