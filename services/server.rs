@@ -11,7 +11,7 @@ use crate::config::{PipelineConfig, ProcessorConfig};
 use crate::engine::{Engine, EngineStats};
 use crate::error::Error;
 use crate::pipeline::PipelineService;
-use crate::pipeline::balancer::PROCESSOR_SERVICE;
+use crate::pipeline::balancer::{Balancer, PROCESSOR_SERVICE};
 use crate::processor::ProcessorService;
 use crate::proto;
 use crate::workload::Workload;
@@ -141,6 +141,7 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
     let addr = local_addr(&listener)?;
     let cancel_runs = CancellationToken::new();
     let pipeline = PipelineService::new(cfg, cancel_runs.clone())?;
+    let balancer = pipeline.balancer().clone();
     info!(%addr, processors = ?cfg.processors, "fanout-pipeline listening");
     let service = proto::pipeline_server::PipelineServer::new(pipeline)
         .max_decoding_message_size(cfg.max_message_bytes)
@@ -148,16 +149,50 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PIPELINE_SERVICE, ServingStatus::Serving).await;
     let router = base_routes(PIPELINE_SERVICE, health)?.add_service(service);
-    Ok(spawn(
+    let running = spawn(
         router,
         cfg.max_message_bytes,
         listener,
         addr,
-        reporter,
+        reporter.clone(),
         PIPELINE_SERVICE,
         cfg.drain_timeout,
         Some(cancel_runs),
-    ))
+    );
+    follow_processors(balancer, reporter, cfg.health_interval, running.stop_token());
+    Ok(running)
+}
+
+/// Keeps the pipeline's health `NOT_SERVING` while every processor is down
+/// (a load balancer should send runs to another pipeline) and `SERVING`
+/// otherwise. Stops when shutdown starts, which sets `NOT_SERVING` for good.
+fn follow_processors(
+    balancer: Arc<Balancer>,
+    reporter: HealthReporter,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut serving = true;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let now = !balancer.endpoints().iter().all(|e| e.is_down());
+            if now == serving || stop.is_cancelled() {
+                continue;
+            }
+            serving = now;
+            let status = if now { ServingStatus::Serving } else { ServingStatus::NotServing };
+            match now {
+                true => info!("a processor is reachable again: SERVING"),
+                false => warn!("every processor is down: NOT_SERVING"),
+            }
+            reporter.set_service_status(PIPELINE_SERVICE, status).await;
+            reporter.set_service_status("", status).await;
+        }
+    });
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {

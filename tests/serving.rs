@@ -180,6 +180,35 @@ async fn stop_and_watch(running: Running, service: &str) {
     assert!(refused.is_err(), "the listener is closed after shutdown");
 }
 
+/// The next status on `watch` that differs from `from`.
+async fn next_change(w: &mut tonic::Streaming<HealthCheckResponse>, from: ServingStatus) -> ServingStatus {
+    loop {
+        let s = next(w).await.expect("watch answers").expect("a status").status();
+        if s != from {
+            return s;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_is_not_serving_while_every_processor_is_down() {
+    let p = start_processor(Digest).await;
+    let addr = p.running.addr;
+    let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
+    let mut health = HealthClient::new(channel(&pipeline.url()).await);
+    let req = HealthCheckRequest { service: PIPELINE_SERVICE.into() };
+    let mut watch = tokio::time::timeout(WAIT, health.watch(req)).await.unwrap().unwrap().into_inner();
+    assert_eq!(next(&mut watch).await.unwrap().unwrap().status(), ServingStatus::Serving);
+
+    p.running.abort();
+    assert_eq!(next_change(&mut watch, ServingStatus::Serving).await, ServingStatus::NotServing);
+
+    // A processor on the same address brings the pipeline back.
+    let cfg = fanout::config::ProcessorConfig { listen: addr.to_string(), ..processor_config() };
+    let _back = start_processor_with(&cfg, Digest).await;
+    assert_eq!(next_change(&mut watch, ServingStatus::NotServing).await, ServingStatus::Serving);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_a_processor_turns_health_not_serving_and_shuts_down() {
     let p = start_processor(Digest).await;
