@@ -3,26 +3,30 @@
 //! A [`Pipeline`](pipeline) receives a run of records and fans it out, one
 //! unary `ProcessRecord` call per record, over a fleet of
 //! [`RecordProcessor`](processor)s; each processor splits its record into
-//! units, processes them on a bounded blocking pool and aggregates them.
+//! units, processes them on a fixed pool of one thread per core and
+//! aggregates them.
 //! Results stream back in completion order, then a final report.
 //!
 //! # Layout
 //!
 //! - [`proto`]: the generated wire types (`fanout.v1`) and the descriptor set
-//!   for reflection. Only the `*::service` modules and [`convert`] touch them.
+//!   for reflection. Only the service modules ([`processor`], [`pipeline`],
+//!   [`server`]) and [`convert`] touch them.
 //! - [`convert`]: wire ⇄ domain conversion, done once at the edge
 //!   (`Struct` ⇄ JSON, `Duration`, `Timestamp`, request validation).
 //! - [`domain`]: the domain types the engine and pipeline work on.
 //! - [`error`]: the typed error enum and its single mapping to `tonic::Status`.
 //! - [`workload`]: the `Workload` trait and the reference `digest` workload.
-//! - [`engine`]: the processor engine: units sequential or parallel on a
-//!   bounded blocking pool, errors, panics, cancellation, tracing.
+//! - [`engine`]: the processor engine: units sequential or parallel on its
+//!   [`UnitPool`](engine::UnitPool) (one thread per core), errors, panics,
+//!   cancellation, tracing.
 //! - [`processor`]: the `RecordProcessor` gRPC service over the engine.
 //! - [`pipeline`]: the `Pipeline` service: fan-out ([`pipeline::run`]),
 //!   instance choice ([`pipeline::balancer`]), retries
 //!   ([`pipeline::retry`]), the report ([`pipeline::report`]).
 //! - [`config`]: command-line flags and env vars of both servers.
-//! - [`server`]: serving: health, reflection, listen, graceful shutdown.
+//! - [`server`]: serving: health (the pipeline's follows its processors),
+//!   reflection, listen, graceful shutdown.
 //! - [`telemetry`]: tracing subscriber set-up for the binaries.
 
 #![warn(missing_docs)]
