@@ -37,74 +37,55 @@ struct Reflected {
     symbol_files: Vec<prost_types::FileDescriptorProto>,
 }
 
-async fn reflect_v1(ch: Channel, symbol: &str) -> Reflected {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
-    let reqs =
-        [MessageRequest::ListServices(String::new()), MessageRequest::FileContainingSymbol(symbol.into())]
+/// `reflect_v1` / `reflect_v1alpha`: list the services and fetch the file of
+/// `symbol` over one reflection stream. The two versions are the same protocol
+/// in different generated modules, hence one macro for both.
+macro_rules! reflect_fn {
+    ($name:ident, $version:ident) => {
+        async fn $name(ch: Channel, symbol: &str) -> Reflected {
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$version::{ServerReflectionRequest, ServerReflectionResponse};
+            let reqs = [
+                MessageRequest::ListServices(String::new()),
+                MessageRequest::FileContainingSymbol(symbol.into()),
+            ]
             .map(|m| ServerReflectionRequest { host: String::new(), message_request: Some(m) });
-    let mut client = ServerReflectionClient::new(ch);
-    let call = async {
-        let mut stream = client.server_reflection_info(futures::stream::iter(reqs)).await?.into_inner();
-        let mut out = Vec::new();
-        while let Some(r) = stream.message().await? {
-            out.push(r);
+            let mut client = ServerReflectionClient::new(ch);
+            let call = async {
+                let mut stream =
+                    client.server_reflection_info(futures::stream::iter(reqs)).await?.into_inner();
+                let mut out = Vec::new();
+                while let Some(r) = stream.message().await? {
+                    out.push(r);
+                }
+                Ok::<Vec<ServerReflectionResponse>, tonic::Status>(out)
+            };
+            let resps = tokio::time::timeout(WAIT, call)
+                .await
+                .expect("reflection timed out")
+                .expect(concat!("reflection ", stringify!($version)));
+            assert_eq!(resps.len(), 2, "one response per request");
+            let mut got = Reflected { services: vec![], symbol_files: vec![] };
+            for r in resps {
+                match r.message_response.expect("a response") {
+                    MessageResponse::ListServicesResponse(l) => {
+                        got.services = l.service.into_iter().map(|s| s.name).collect()
+                    }
+                    MessageResponse::FileDescriptorResponse(f) => {
+                        got.symbol_files = f.file_descriptor_proto.iter().map(|b| decode(b)).collect()
+                    }
+                    other => panic!("unexpected reflection response: {other:?}"),
+                }
+            }
+            got
         }
-        Ok::<Vec<ServerReflectionResponse>, tonic::Status>(out)
     };
-    let resps = tokio::time::timeout(WAIT, call).await.expect("reflection timed out").expect("reflection v1");
-    assert_eq!(resps.len(), 2, "one response per request");
-    let mut got = Reflected { services: vec![], symbol_files: vec![] };
-    for r in resps {
-        match r.message_response.expect("a response") {
-            MessageResponse::ListServicesResponse(l) => {
-                got.services = l.service.into_iter().map(|s| s.name).collect()
-            }
-            MessageResponse::FileDescriptorResponse(f) => {
-                got.symbol_files = f.file_descriptor_proto.iter().map(|b| decode(b)).collect()
-            }
-            other => panic!("unexpected reflection response: {other:?}"),
-        }
-    }
-    got
 }
 
-async fn reflect_v1alpha(ch: Channel, symbol: &str) -> Reflected {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::{ServerReflectionRequest, ServerReflectionResponse};
-    let reqs =
-        [MessageRequest::ListServices(String::new()), MessageRequest::FileContainingSymbol(symbol.into())]
-            .map(|m| ServerReflectionRequest { host: String::new(), message_request: Some(m) });
-    let mut client = ServerReflectionClient::new(ch);
-    let call = async {
-        let mut stream = client.server_reflection_info(futures::stream::iter(reqs)).await?.into_inner();
-        let mut out = Vec::new();
-        while let Some(r) = stream.message().await? {
-            out.push(r);
-        }
-        Ok::<Vec<ServerReflectionResponse>, tonic::Status>(out)
-    };
-    let resps =
-        tokio::time::timeout(WAIT, call).await.expect("reflection timed out").expect("reflection v1alpha");
-    assert_eq!(resps.len(), 2, "one response per request");
-    let mut got = Reflected { services: vec![], symbol_files: vec![] };
-    for r in resps {
-        match r.message_response.expect("a response") {
-            MessageResponse::ListServicesResponse(l) => {
-                got.services = l.service.into_iter().map(|s| s.name).collect()
-            }
-            MessageResponse::FileDescriptorResponse(f) => {
-                got.symbol_files = f.file_descriptor_proto.iter().map(|b| decode(b)).collect()
-            }
-            other => panic!("unexpected reflection response: {other:?}"),
-        }
-    }
-    got
-}
+reflect_fn!(reflect_v1, v1);
+reflect_fn!(reflect_v1alpha, v1alpha);
 
 fn decode(bytes: &[u8]) -> prost_types::FileDescriptorProto {
     prost_types::FileDescriptorProto::decode(bytes).expect("a FileDescriptorProto")

@@ -162,7 +162,7 @@ impl<W: Workload> Engine<W> {
         cancelled: &Arc<AtomicBool>,
     ) -> Result<(crate::domain::JsonMap, u32), Error> {
         let id = &task.record.id;
-        let units = guarded(id, "extracting units", || self.workload.extract(&task.record, &task.params))?;
+        let units = guarded(id, Step::Extract, || self.workload.extract(&task.record, &task.params))?;
         let count = units.len();
         if count > self.max_units {
             return Err(Error::LimitExceeded {
@@ -194,7 +194,7 @@ impl<W: Workload> Engine<W> {
             UnitMode::Sequential => self.sequential(units, ctx).await?,
             UnitMode::Parallel => self.parallel(units, ctx).await?,
         };
-        let output = guarded(id, "aggregating", || self.workload.aggregate(&task.record, outputs))?;
+        let output = guarded(id, Step::Aggregate, || self.workload.aggregate(&task.record, outputs))?;
         Ok((output, count as u32))
     }
 
@@ -282,7 +282,8 @@ fn run_unit<W: Workload>(
     stats.units_started.fetch_add(1, Ordering::SeqCst);
     trace!(unit = i, units = ctx.count, "unit {}/{} of {}", i + 1, ctx.count, ctx.record_id);
     let started = Instant::now();
-    let result = guarded(&ctx.record_id, &format!("unit {}/{}", i + 1, ctx.count), || workload.process(unit));
+    let result =
+        guarded(&ctx.record_id, Step::Unit { index: i, count: ctx.count }, || workload.process(unit));
     ctx.cost.observe(started.elapsed());
     stats.units_finished.fetch_add(1, Ordering::SeqCst);
     result
@@ -294,7 +295,7 @@ fn run_unit<W: Workload>(
 /// (which would reset the stream and look like a dead processor).
 fn guarded<T>(
     record_id: &str,
-    what: &str,
+    what: Step,
     step: impl FnOnce() -> Result<T, WorkloadError>,
 ) -> Result<T, Error> {
     match std::panic::catch_unwind(AssertUnwindSafe(step)) {
@@ -311,11 +312,33 @@ fn guarded<T>(
     }
 }
 
+/// Which step of the workload ran: named in errors, formatted only then (a
+/// unit's name is not built on the hot path).
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Extract,
+    Aggregate,
+    Unit { index: usize, count: usize },
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Extract => f.write_str("extracting units"),
+            Step::Aggregate => f.write_str("aggregating"),
+            Step::Unit { index, count } => write!(f, "unit {}/{count}", index + 1),
+        }
+    }
+}
+
 /// A workload error as the engine reports it: with the record, and the unit
 /// when a unit failed (invalid input already names its field).
-fn record_error(record_id: &str, what: &str, e: WorkloadError) -> Error {
-    let at = if what.starts_with("unit ") { format!(" {what}") } else { String::new() };
-    let msg = format!("record {record_id:?}{at}: {e}");
+fn record_error(record_id: &str, what: Step, e: WorkloadError) -> Error {
+    let msg = match what {
+        Step::Unit { .. } => format!("record {record_id:?} {what}: {e}"),
+        // Invalid input already names its field.
+        Step::Extract | Step::Aggregate => format!("record {record_id:?}: {e}"),
+    };
     match e.kind {
         ErrorKind::Invalid => Error::InvalidArgument(msg),
         ErrorKind::Permanent => Error::FailedPrecondition(msg),

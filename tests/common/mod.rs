@@ -101,6 +101,19 @@ pub fn get(counter: &AtomicU64) -> u64 {
     EngineStats::get(counter)
 }
 
+/// Asserts `status` refuses an over-size request as the contract says:
+/// INVALID_ARGUMENT (or RESOURCE_EXHAUSTED) naming the 1024-byte limit and
+/// the flag that sets it.
+pub fn assert_oversize_refused(status: &tonic::Status) {
+    assert!(
+        matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted),
+        "an oversized request must be INVALID_ARGUMENT or RESOURCE_EXHAUSTED: {status:?}"
+    );
+    for n in ["1024", "--max-message-bytes"] {
+        assert!(status.message().contains(n), "the message names the limit ({n}): {:?}", status.message());
+    }
+}
+
 /// Polls `cond` (a counter, a flag) until it holds; panics after [`WAIT`].
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let poll = async {
