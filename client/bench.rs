@@ -219,6 +219,15 @@ impl RecordProcessor for Noop {
         let id = request.into_inner().record.map(|r| r.id).unwrap_or_default();
         Ok(tonic::Response::new(proto::ProcessRecordResponse { record_id: id, ..Default::default() }))
     }
+
+    async fn describe(
+        &self,
+        _request: tonic::Request<proto::DescribeRequest>,
+    ) -> Result<tonic::Response<proto::DescribeResponse>, tonic::Status> {
+        // As many slots as the bench keeps calls in flight: the no-op server
+        // stands for a fleet with no capacity limit.
+        Ok(tonic::Response::new(proto::DescribeResponse { name: "noop".into(), slots: 4096, ..Default::default() }))
+    }
 }
 
 async fn start_noop() -> Result<(String, tokio_util::sync::CancellationToken)> {
@@ -253,7 +262,7 @@ async fn start_processors_with(n: usize, inline_budget: Duration) -> Result<Vec<
     for _ in 0..n {
         let cfg =
             ProcessorConfig { listen: "127.0.0.1:0".into(), inline_budget, ..ProcessorConfig::default() };
-        out.push(server::start_processor(&cfg, Digest).await?.0);
+        out.push(server::start_processor(&cfg, Digest::default()).await?.0);
     }
     Ok(out)
 }

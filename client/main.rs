@@ -168,7 +168,7 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     let mut processors = Vec::new();
     for _ in 0..args.processors.max(1) {
         let cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
-        processors.push(server::start_processor(&cfg, Digest).await?.0);
+        processors.push(server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?.0);
     }
     let urls: Vec<String> = processors.iter().map(|p| p.url()).collect();
     let mut cfg = PipelineConfig::new(urls.clone());

@@ -32,6 +32,21 @@ pub struct ProcessorConfig {
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 4 * MIB)]
     pub max_message_bytes: usize,
+    /// Records worked on at once; a pipeline keeps at most this many calls in
+    /// flight here (it reads it from `Describe`). Above the unit threads so
+    /// that the next record is already waiting when one finishes
+    /// [default: 4 x unit threads].
+    #[arg(long, env = "FANOUT_SLOTS")]
+    pub slots: Option<usize>,
+    /// Records allowed to wait for a slot (several pipelines sharing this
+    /// processor); beyond it a record is refused at once with
+    /// RESOURCE_EXHAUSTED marked not started [default: the slots].
+    #[arg(long, env = "FANOUT_QUEUE")]
+    pub queue: Option<usize>,
+    /// Largest `params.rounds` the digest workload accepts (more is
+    /// INVALID_ARGUMENT naming this flag).
+    #[arg(long, env = "FANOUT_MAX_ROUNDS", default_value_t = crate::workload::digest::DEFAULT_MAX_ROUNDS)]
+    pub max_rounds: u64,
     /// Opt-in fast path for workloads whose units are all tiny: a record
     /// whose units are expected (from recent units' durations, across all
     /// params) to take less than this in all runs on the async worker instead
@@ -79,6 +94,12 @@ impl ProcessorConfig {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1)
     }
+
+    /// Slots and queue, defaults applied.
+    pub fn capacity(&self) -> crate::processor::Capacity {
+        let slots = self.slots.unwrap_or(4 * self.unit_threads()).max(1);
+        crate::processor::Capacity { slots, queue: self.queue.unwrap_or(slots) }
+    }
 }
 
 /// Settings of `fanout-pipeline`.
@@ -113,6 +134,20 @@ pub struct PipelineConfig {
     /// Largest `Run` request accepted, in bytes (bigger is rejected before decoding).
     #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 64 * MIB)]
     pub max_message_bytes: usize,
+    /// Most runs in progress at once; one more is refused with
+    /// RESOURCE_EXHAUSTED naming this flag.
+    #[arg(long, env = "FANOUT_MAX_CONCURRENT_RUNS", default_value_t = 1000)]
+    pub max_concurrent_runs: usize,
+    /// Bytes that accepted runs' requests may hold in all (about the encoded
+    /// request plus a few hundred bytes per record), and that requests being
+    /// received may take while decoding; a run that does not fit is refused
+    /// with RESOURCE_EXHAUSTED naming this flag.
+    #[arg(long, env = "FANOUT_RUN_MEMORY_BUDGET", default_value_t = 1024 * MIB)]
+    pub run_memory_budget: usize,
+    /// A run whose client takes no event for this long (its stream's flow
+    /// control window stays full) is cancelled and logged.
+    #[arg(long, env = "FANOUT_STALLED_CLIENT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stalled_client_timeout: Duration,
     /// On SIGINT/SIGTERM, how long runs may take to finish before they are
     /// cancelled (and report CANCELLED).
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -138,6 +173,11 @@ impl PipelineConfig {
         at_least_one(l.default_max_attempts.into(), "--default-max-attempts")?;
         at_least_one(l.max_attempts_limit.into(), "--max-attempts-limit")?;
         at_least_one(self.max_message_bytes as u64, "--max-message-bytes")?;
+        at_least_one(self.max_concurrent_runs as u64, "--max-concurrent-runs")?;
+        at_least_one(self.run_memory_budget as u64, "--run-memory-budget")?;
+        if self.stalled_client_timeout.is_zero() {
+            return Err(Error::Config("--stalled-client-timeout must be positive".into()));
+        }
         if l.default_record_timeout.is_zero() {
             return Err(Error::Config("--default-record-timeout must be positive".into()));
         }

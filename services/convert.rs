@@ -9,7 +9,9 @@ use crate::domain::{
     RunRecord, RunReport, RunSpec, RunStatus, UnitMode,
 };
 use crate::error::Error;
+use crate::pipeline::wire;
 use crate::proto;
+use prost::Message;
 use prost_types::value::Kind;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -59,9 +61,14 @@ pub fn duration_to_proto(d: Duration) -> prost_types::Duration {
     prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
-/// A protobuf `Duration` as a `std` duration; `None` when negative or malformed.
+/// Largest `google.protobuf.Duration` seconds (about 10,000 years), as its
+/// definition gives the range.
+pub const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+
+/// A protobuf `Duration` as a `std` duration; `None` when negative,
+/// malformed or outside the range protobuf defines (±315,576,000,000 s).
 pub fn duration_from_proto(d: &prost_types::Duration) -> Option<Duration> {
-    (d.seconds >= 0 && (0..1_000_000_000).contains(&d.nanos))
+    ((0..=MAX_DURATION_SECONDS).contains(&d.seconds) && (0..1_000_000_000).contains(&d.nanos))
         .then(|| Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
@@ -110,18 +117,51 @@ pub fn run_spec_from_proto(req: proto::RunRequest, limits: &RunLimits) -> Result
         if r.id.is_empty() {
             return Err(Error::InvalidArgument(format!("record {i}: id: must not be empty")));
         }
+        if let Err(why) = check_label(&r.id, MAX_RECORD_ID_BYTES) {
+            // The id itself is shown shortened and escaped.
+            let shown: String = r.id.chars().take(32).collect();
+            return Err(Error::invalid_record(i, &shown, "id", why));
+        }
         if let Some(first) = seen.insert(&r.id, i) {
             return Err(Error::invalid_record(i, &r.id, "id", format!("duplicates record {first}")));
         }
     }
     drop(seen);
+    if !req.run_id.is_empty() {
+        check_label(&req.run_id, MAX_RUN_ID_BYTES)
+            .map_err(|why| Error::InvalidArgument(format!("run_id: {why}")))?;
+    }
+    // Encoded once, the decoded Structs dropped: the run holds about its
+    // wire size, and every attempt sends these bytes as they are.
     let records = req
         .records
         .into_iter()
-        .map(|r| RunRecord { id: r.id, attributes: r.attributes.unwrap_or_default() })
+        .map(|r| {
+            let encoded = wire::encode_record(&r);
+            RunRecord { id: r.id, encoded }
+        })
         .collect();
     let run_id = if req.run_id.is_empty() { generate_run_id() } else { req.run_id };
-    Ok(RunSpec { run_id, records, mode, params: req.params.unwrap_or_default(), options })
+    let params = wire::encode_params(&req.params.unwrap_or_default());
+    Ok(RunSpec { run_id, records, mode, params, options })
+}
+
+/// Longest `run_id`, in bytes.
+pub const MAX_RUN_ID_BYTES: usize = 128;
+/// Longest record id, in bytes.
+pub const MAX_RECORD_ID_BYTES: usize = 512;
+
+/// Ids are logged and echoed in every event: no control characters (they
+/// could forge log lines or move a terminal's cursor) and a bounded length
+/// (they could multiply log volume).
+fn check_label(s: &str, max_bytes: usize) -> Result<(), String> {
+    if s.len() > max_bytes {
+        return Err(format!("{} bytes, over the limit of {max_bytes}", s.len()));
+    }
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(format!("must not contain control characters (found {c:?})"));
+    }
+    Ok(())
 }
 
 fn run_options_from_proto(o: proto::RunOptions, limits: &RunLimits) -> Result<RunOptions, Error> {
@@ -155,7 +195,8 @@ fn run_options_from_proto(o: proto::RunOptions, limits: &RunLimits) -> Result<Ru
         Some(d) => match duration_from_proto(d) {
             None => {
                 return Err(Error::InvalidArgument(format!(
-                    "options.record_timeout: must be a non-negative duration, got {}s {}ns",
+                    "options.record_timeout: must be a non-negative duration of at most {MAX_DURATION_SECONDS}s \
+                     (protobuf's range), got {}s {}ns",
                     d.seconds, d.nanos
                 )));
             }
@@ -185,6 +226,16 @@ pub fn record_task_from_proto(req: proto::ProcessRecordRequest) -> Result<Record
     if record.id.is_empty() {
         return Err(Error::InvalidArgument("record.id: must not be empty".into()));
     }
+    check_label(&record.id, MAX_RECORD_ID_BYTES)
+        .map_err(|why| Error::InvalidArgument(format!("record.id: {why}")))?;
+    check_label(&req.run_id, MAX_RUN_ID_BYTES).map_err(|why| Error::InvalidArgument(format!("run_id: {why}")))?;
+    let found = record.attributes.as_ref().and_then(|s| non_finite(s, "attributes"));
+    if let Some((path, n)) = found.or_else(|| req.params.as_ref().and_then(|s| non_finite(s, "params"))) {
+        return Err(Error::InvalidArgument(format!(
+            "record {:?}: {path}: {n} is not a valid value here (JSON has no NaN or Infinity)",
+            record.id
+        )));
+    }
     Ok(RecordTask {
         run_id: req.run_id,
         record: Record {
@@ -195,6 +246,23 @@ pub fn record_task_from_proto(req: proto::ProcessRecordRequest) -> Result<Record
         params: Arc::new(req.params.map(struct_to_json).unwrap_or_default()),
         attempt: req.attempt,
     })
+}
+
+/// The first NaN or ±Infinity in `s` (which JSON, and so a workload, cannot
+/// see), with its path, e.g. `("params.rounds", "NaN")`.
+fn non_finite(s: &prost_types::Struct, prefix: &str) -> Option<(String, &'static str)> {
+    fn walk(v: &prost_types::Value, path: String) -> Option<(String, &'static str)> {
+        match &v.kind {
+            Some(Kind::NumberValue(n)) if n.is_nan() => Some((path, "NaN")),
+            Some(Kind::NumberValue(n)) if n.is_infinite() => {
+                Some((path, if *n > 0.0 { "Infinity" } else { "-Infinity" }))
+            }
+            Some(Kind::StructValue(s)) => s.fields.iter().find_map(|(k, v)| walk(v, format!("{path}.{k}"))),
+            Some(Kind::ListValue(l)) => l.values.iter().enumerate().find_map(|(i, v)| walk(v, format!("{path}[{i}]"))),
+            _ => None,
+        }
+    }
+    s.fields.iter().find_map(|(k, v)| walk(v, format!("{prefix}.{k}")))
 }
 
 /// The engine's output as a `ProcessRecordResponse`.
@@ -271,10 +339,16 @@ fn run_status_to_proto(s: RunStatus) -> proto::RunStatus {
     }
 }
 
-/// A run report on the wire.
+/// Largest event the pipeline sends: under the 4 MiB default receive limit
+/// of grpcio, grpc-go, grpc-java and grpcurl, with room for framing.
+pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024 - 16 * 1024;
+
+/// A run report on the wire. When its per-record results would make it
+/// larger than [`MAX_EVENT_BYTES`], they are left out and `results_omitted`
+/// is set (each was already streamed as a `record` event).
 pub fn report_to_proto(r: RunReport) -> proto::RunReport {
     let s = r.summary;
-    proto::RunReport {
+    let mut report = proto::RunReport {
         run_id: r.run_id,
         status: run_status_to_proto(r.status) as i32,
         summary: Some(proto::RunSummary {
@@ -288,7 +362,15 @@ pub fn report_to_proto(r: RunReport) -> proto::RunReport {
         results: r.results.into_iter().map(record_result_to_proto).collect(),
         generated_at: Some(timestamp_to_proto(r.generated_at)),
         elapsed: Some(duration_to_proto(r.elapsed)),
+        results_omitted: false,
+    };
+    // Every result already went out as a `record` event; a report that would
+    // not fit in one message of a default client is sent without them.
+    if report.encoded_len() > MAX_EVENT_BYTES {
+        report.results = Vec::new();
+        report.results_omitted = true;
     }
+    report
 }
 
 /// A run event on the wire.

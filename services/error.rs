@@ -24,6 +24,16 @@ pub enum Error {
         /// The flag that sets the limit.
         setting: &'static str,
     },
+    /// The server is at a configured capacity now; later may succeed.
+    #[error("{what}: the limit is {limit} (set by {setting}); try again later")]
+    Exhausted {
+        /// What is full, e.g. "the pipeline is running 1000 runs".
+        what: String,
+        /// The configured limit.
+        limit: u64,
+        /// The flag that sets it.
+        setting: &'static str,
+    },
     /// The workload refused to process a record whose input is fine
     /// (a permanent failure: retrying will not help).
     #[error("{0}")]
@@ -55,6 +65,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument(_) | Error::LimitExceeded { .. } => Code::InvalidArgument,
+            Error::Exhausted { .. } => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) | Error::Config(_) | Error::Transport(_) => Code::Internal,

@@ -1,23 +1,116 @@
-//! The `RecordProcessor` gRPC service: converts the request once, runs it
-//! through the [`Engine`], converts the result back.
+//! The `RecordProcessor` gRPC service: admits a record (or refuses it as
+//! "not started" when full), converts the request once, runs it through the
+//! [`Engine`], converts the result back; and `Describe`, which tells a
+//! pipeline how many records the instance takes at once.
 
 use crate::convert;
 use crate::engine::Engine;
 use crate::proto;
 use crate::workload::Workload;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
+
+/// Response metadata key marking a refusal as "the record was not started":
+/// the caller may send it again without counting an attempt.
+pub const NOT_STARTED_KEY: &str = "fanout-not-started";
+
+/// How many records a processor works on at once and lets wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Records processed at once.
+    pub slots: usize,
+    /// Records allowed to wait for a slot; more are refused at once.
+    pub queue: usize,
+}
+
+/// Admission control: `slots` records at once, `queue` more waiting, the
+/// rest refused with `RESOURCE_EXHAUSTED` marked not started. A pipeline
+/// never sends more than `slots` (it reads them from `Describe`); the queue
+/// absorbs the moment between a pipeline freeing a slot and the processor
+/// noticing, and the sum of several pipelines sharing the instance.
+#[derive(Debug)]
+pub struct Admission {
+    capacity: Capacity,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+}
+
+impl Admission {
+    /// Admission for `capacity`.
+    pub fn new(capacity: Capacity) -> Self {
+        let slots = Arc::new(Semaphore::new(capacity.slots.max(1)));
+        Self { capacity, slots, waiting: AtomicUsize::new(0) }
+    }
+
+    /// A slot, at once or after waiting in the queue; `Err` (not started)
+    /// when the queue is full. Dropping the future leaves the queue.
+    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.capacity.queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.full());
+        }
+        let _left = LeaveQueue(&self.waiting);
+        self.slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("processor shutting down"))
+    }
+
+    /// The refusal: `RESOURCE_EXHAUSTED`, marked not started, with a
+    /// pushback hint.
+    fn full(&self) -> Status {
+        let mut status = Status::resource_exhausted(format!(
+            "processor at capacity: {} records in progress and {} waiting (set by --slots and --queue); \
+             the record was not started",
+            self.capacity.slots, self.capacity.queue
+        ));
+        let md = status.metadata_mut();
+        md.insert(NOT_STARTED_KEY, "true".parse().expect("ascii"));
+        md.insert("grpc-retry-pushback-ms", "10".parse().expect("ascii"));
+        status
+    }
+}
+
+struct LeaveQueue<'a>(&'a AtomicUsize);
+
+impl Drop for LeaveQueue<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether a failed call's status is a processor's "not started" refusal.
+pub fn is_not_started(status: &Status) -> bool {
+    status.code() == tonic::Code::ResourceExhausted
+        && status.metadata().get(NOT_STARTED_KEY).is_some_and(|v| v.as_bytes() == b"true")
+}
+
+/// What `Describe` answers besides the engine's own figures.
+#[derive(Debug, Clone)]
+pub struct Description {
+    /// The instance's name.
+    pub name: String,
+    /// Unit threads.
+    pub unit_threads: usize,
+    /// Most units per record.
+    pub max_units_per_record: usize,
+    /// Largest request accepted.
+    pub max_message_bytes: usize,
+}
 
 /// The `RecordProcessor` service over an engine.
 pub struct ProcessorService<W> {
     engine: Arc<Engine<W>>,
-    name: String,
+    admission: Admission,
+    description: Description,
 }
 
 impl<W: Workload> ProcessorService<W> {
-    /// A service named `name` (reported in every response) over `engine`.
-    pub fn new(engine: Arc<Engine<W>>, name: String) -> Self {
-        Self { engine, name }
+    /// A service over `engine` admitting records as `capacity` allows.
+    pub fn new(engine: Arc<Engine<W>>, capacity: Capacity, description: Description) -> Self {
+        Self { engine, admission: Admission::new(capacity), description }
     }
 }
 
@@ -27,11 +120,31 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
         &self,
         request: Request<proto::ProcessRecordRequest>,
     ) -> Result<Response<proto::ProcessRecordResponse>, Status> {
+        let _slot = self.admission.admit().await?;
         let task = convert::record_task_from_proto(request.into_inner())?;
         let record_id = task.record.id.clone();
-        // If the caller cancels, tonic drops this future, and with it the
-        // engine's: the record's units that have not started never start.
+        // If the caller cancels (or the call's deadline passes), tonic drops
+        // this future, and with it the engine's: the record's units that
+        // have not started never start, and running ones see their flag.
         let output = self.engine.process(task).await?;
-        Ok(Response::new(convert::record_output_to_proto(record_id, output, &self.name)))
+        Ok(Response::new(convert::record_output_to_proto(record_id, output, &self.description.name)))
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<proto::DescribeRequest>,
+    ) -> Result<Response<proto::DescribeResponse>, Status> {
+        let d = &self.description;
+        let c = self.admission.capacity;
+        Ok(Response::new(proto::DescribeResponse {
+            name: d.name.clone(),
+            workload: self.engine.workload_name().to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            unit_threads: d.unit_threads as u32,
+            slots: c.slots as u32,
+            queue: c.queue as u32,
+            max_units_per_record: d.max_units_per_record as u32,
+            max_message_bytes: d.max_message_bytes as u64,
+        }))
     }
 }

@@ -12,7 +12,7 @@ use crate::engine::{Engine, EngineStats};
 use crate::error::Error;
 use crate::pipeline::PipelineService;
 use crate::pipeline::balancer::{Balancer, PROCESSOR_SERVICE};
-use crate::processor::ProcessorService;
+use crate::processor::{Description, ProcessorService};
 use crate::proto;
 use crate::workload::Workload;
 use futures::StreamExt;
@@ -109,11 +109,19 @@ pub async fn start_processor<W: Workload>(
         %addr,
         workload = engine.workload_name(),
         unit_threads = cfg.unit_threads(),
+        slots = cfg.capacity().slots,
+        queue = cfg.capacity().queue,
         "fanout-processor listening"
     );
     let name = cfg.name.clone().unwrap_or_else(|| addr.to_string());
-    let service =
-        proto::record_processor_server::RecordProcessorServer::new(ProcessorService::new(engine, name))
+    let description = Description {
+        name,
+        unit_threads: cfg.unit_threads(),
+        max_units_per_record: cfg.max_units_per_record,
+        max_message_bytes: cfg.max_message_bytes,
+    };
+    let service = ProcessorService::new(engine, cfg.capacity(), description);
+    let service = proto::record_processor_server::RecordProcessorServer::new(service)
             .max_decoding_message_size(cfg.max_message_bytes)
             .max_encoding_message_size(usize::MAX);
     let (reporter, health) = tonic_health::server::health_reporter();

@@ -327,7 +327,7 @@ async fn all_processors_unreachable_is_unavailable_promptly() {
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // Once a processor is there, the same pipeline config works.
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let pipeline = start_pipeline(&[urls[0].clone(), p.url.clone()]).await;
     let mut client = pipeline_client(&pipeline.url()).await;
     let got = run_ok(&mut client, run_request(records(4))).await;

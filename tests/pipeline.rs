@@ -87,8 +87,8 @@ async fn run_mode(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_comes_back_exactly_once_in_both_unit_modes() {
-    let p1 = start_processor(Digest).await;
-    let p2 = start_processor(Digest).await;
+    let p1 = start_processor(Digest::default()).await;
+    let p2 = start_processor(Digest::default()).await;
     let urls = vec![p1.url.clone(), p2.url.clone()];
     let pipeline = start_pipeline(&urls).await;
     let mut client = pipeline_client(&pipeline.url()).await;
@@ -106,7 +106,7 @@ async fn every_record_comes_back_exactly_once_in_both_unit_modes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unspecified_unit_mode_and_generated_run_id() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     let mut client = pipeline_client(&pipeline.url()).await;
     let ids = ids(5);
@@ -126,7 +126,7 @@ async fn unspecified_unit_mode_and_generated_run_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn summary_only_leaves_results_out_but_keeps_the_summary() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     let mut client = pipeline_client(&pipeline.url()).await;
     const N: usize = 20;
@@ -152,7 +152,7 @@ async fn summary_only_leaves_results_out_but_keeps_the_summary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processors_all_receive_work() {
-    let procs = [start_processor(Digest).await, start_processor(Digest).await, start_processor(Digest).await];
+    let procs = [start_processor(Digest::default()).await, start_processor(Digest::default()).await, start_processor(Digest::default()).await];
     let urls: Vec<String> = procs.iter().map(|p| p.url.clone()).collect();
     let pipeline = start_pipeline(&urls).await;
     let mut client = pipeline_client(&pipeline.url()).await;

@@ -43,7 +43,7 @@ fn assert_status(status: &tonic::Status, code: Code, needles: &[&str]) {
 async fn process_record_outputs_match_in_both_modes() {
     let mut cfg = processor_config();
     cfg.name = Some("proc-under-test".into());
-    let p = start_processor_with(&cfg, Digest).await;
+    let p = start_processor_with(&cfg, Digest::default()).await;
     let mut client = processor_client(&p.url).await;
     for mode in [UnitMode::Sequential, UnitMode::Parallel, UnitMode::Unspecified] {
         for (id, units) in [("alpha", None), ("beta", Some(1)), ("gamma", Some(64))] {
@@ -64,7 +64,7 @@ async fn process_record_outputs_match_in_both_modes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_record_input_is_invalid_argument_naming_record_and_field() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let mut client = processor_client(&p.url).await;
     let bad_units: [Value; 4] = [json!(0), json!(10001), json!(2.5), json!("3")];
     for (k, bad) in bad_units.iter().enumerate() {
@@ -100,7 +100,7 @@ async fn bad_record_input_is_invalid_argument_naming_record_and_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_units_than_the_processor_limit_is_invalid_argument_naming_the_flag() {
     let cfg = ProcessorConfig { max_units_per_record: 5, ..processor_config() };
-    let p = start_processor_with(&cfg, Digest).await;
+    let p = start_processor_with(&cfg, Digest::default()).await;
     let mut client = processor_client(&p.url).await;
 
     let req = process_request(record_with("wide", json!({ "units": 6 })), UnitMode::Parallel);
@@ -142,7 +142,7 @@ async fn a_panicking_unit_is_internal_naming_the_unit_and_the_processor_survives
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_is_refused_naming_the_limit() {
     let cfg = ProcessorConfig { max_message_bytes: 1024, ..processor_config() };
-    let p = start_processor_with(&cfg, Digest).await;
+    let p = start_processor_with(&cfg, Digest::default()).await;
     let mut client = processor_client(&p.url).await;
     let big = "x".repeat(4096);
     let req = process_request(record_with("big", json!({ "blob": big })), UnitMode::Parallel);

@@ -120,7 +120,7 @@ async fn assert_health_and_reflection(url: &str, service: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_servers_serve_health_and_reflection() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     assert_health_and_reflection(&p.url, PROCESSOR_SERVICE).await;
     assert_health_and_reflection(&pipeline.url(), PIPELINE_SERVICE).await;
@@ -173,7 +173,7 @@ async fn next_change(w: &mut tonic::Streaming<HealthCheckResponse>, from: Servin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_is_not_serving_while_every_processor_is_down() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let addr = p.running.addr;
     let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     let mut health = HealthClient::new(channel(&pipeline.url()).await);
@@ -186,19 +186,19 @@ async fn a_pipeline_is_not_serving_while_every_processor_is_down() {
 
     // A processor on the same address brings the pipeline back.
     let cfg = fanout::config::ProcessorConfig { listen: addr.to_string(), ..processor_config() };
-    let _back = start_processor_with(&cfg, Digest).await;
+    let _back = start_processor_with(&cfg, Digest::default()).await;
     assert_eq!(next_change(&mut watch, ServingStatus::NotServing).await, ServingStatus::Serving);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_a_processor_turns_health_not_serving_and_shuts_down() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     stop_and_watch(p.running, PROCESSOR_SERVICE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_a_pipeline_turns_health_not_serving_and_shuts_down() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     stop_and_watch(pipeline, PIPELINE_SERVICE).await;
 }

@@ -30,7 +30,7 @@ fn assert_invalid(status: &tonic::Status, needles: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_run_requests_are_invalid_argument_naming_the_field() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let mut cfg = pipeline_config(std::slice::from_ref(&p.url));
     cfg.limits.max_records = 5;
     cfg.limits.max_in_flight_limit = 8;
@@ -91,7 +91,7 @@ async fn bad_run_requests_are_invalid_argument_naming_the_field() {
 /// INVALID_ARGUMENT (or RESOURCE_EXHAUSTED) naming the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_is_refused_naming_the_limit() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let mut cfg = pipeline_config(std::slice::from_ref(&p.url));
     cfg.max_message_bytes = 1024;
     let pipeline = server::start_pipeline(&cfg).await.unwrap();
@@ -109,8 +109,8 @@ async fn an_oversized_request_is_refused_naming_the_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_record_attributes_fail_only_that_record_unretried() {
-    let p1 = start_processor(Digest).await;
-    let p2 = start_processor(Digest).await;
+    let p1 = start_processor(Digest::default()).await;
+    let p2 = start_processor(Digest::default()).await;
     let pipeline = start_pipeline(&[p1.url.clone(), p2.url.clone()]).await;
     let mut client = pipeline_client(&pipeline.url()).await;
 
@@ -144,7 +144,7 @@ async fn bad_record_attributes_fail_only_that_record_unretried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_params_fail_every_record_unretried() {
-    let p = start_processor(Digest).await;
+    let p = start_processor(Digest::default()).await;
     let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     let mut client = pipeline_client(&pipeline.url()).await;
     for bad in [json!(-1), json!("x")] {
@@ -165,7 +165,7 @@ async fn bad_params_fail_every_record_unretried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_over_the_processor_unit_limit_fail_unretried() {
     let cfg = ProcessorConfig { max_units_per_record: 5, ..processor_config() };
-    let p = start_processor_with(&cfg, Digest).await;
+    let p = start_processor_with(&cfg, Digest::default()).await;
     let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     let mut client = pipeline_client(&pipeline.url()).await;
     let recs = vec![record_with("ok", json!({ "units": 5 })), record_with("wide", json!({ "units": 6 }))];

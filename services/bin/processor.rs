@@ -15,7 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let cfg = ProcessorConfig::parse();
     fanout::telemetry::init("info");
-    let (running, _stats) = server::start_processor(&cfg, Digest).await?;
+    let (running, _stats) = server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-processor listening on {}", running.addr);
     let stop = running.stop_token();

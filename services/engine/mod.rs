@@ -4,7 +4,9 @@
 //! never on the async workers; the pool's size bounds how many run at once
 //! across *all* records in flight, so a burst of records cannot oversubscribe
 //! the cores. Dropping [`Engine::process`]'s future (the gRPC call was
-//! cancelled) stops every unit of that record that has not started yet.
+//! cancelled, or its deadline passed) stops every unit of that record that
+//! has not started yet, and sets the [`Cancel`] flag that running units
+//! check, so they stop too.
 //!
 //! One opt-in exception, for workloads whose units are all tiny: handing a
 //! unit to another thread and back costs a few microseconds, more than such
@@ -22,10 +24,10 @@ pub use pool::UnitPool;
 
 use crate::domain::{RecordOutput, RecordTask, UnitMode};
 use crate::error::Error;
-use crate::workload::{ErrorKind, Workload, WorkloadError};
+use crate::workload::{Cancel, ErrorKind, Workload, WorkloadError};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tracing::{Instrument, Span, debug, debug_span, trace};
 
@@ -140,7 +142,7 @@ impl<W: Workload> Engine<W> {
     async fn process_inner(&self, task: RecordTask) -> Result<RecordOutput, Error> {
         let started = Instant::now();
         self.stats.records_started.fetch_add(1, Ordering::Relaxed);
-        let mut guard = CancelGuard { cancelled: Arc::default(), finished: false, stats: &self.stats };
+        let mut guard = CancelGuard { cancelled: Cancel::new(), finished: false, stats: &self.stats };
         let result = self.run(&task, &guard.cancelled).await;
         guard.finished = true;
         let counter = match &result {
@@ -156,11 +158,7 @@ impl<W: Workload> Engine<W> {
         Ok(RecordOutput { output, units_processed: units, elapsed: started.elapsed() })
     }
 
-    async fn run(
-        &self,
-        task: &RecordTask,
-        cancelled: &Arc<AtomicBool>,
-    ) -> Result<(crate::domain::JsonMap, u32), Error> {
+    async fn run(&self, task: &RecordTask, cancelled: &Cancel) -> Result<(crate::domain::JsonMap, u32), Error> {
         let id = &task.record.id;
         let units = guarded(id, Step::Extract, || self.workload.extract(&task.record, &task.params))?;
         let count = units.len();
@@ -225,7 +223,7 @@ impl<W: Workload> Engine<W> {
                 move || {
                     let out = run_unit(&*workload, &stats, &ctx, i, unit);
                     if out.is_err() {
-                        ctx.cancelled.store(true, Ordering::SeqCst);
+                        ctx.cancelled.cancel();
                     }
                     out
                 }
@@ -261,7 +259,7 @@ impl<W: Workload> Engine<W> {
 struct UnitCtx {
     count: usize,
     record_id: String,
-    cancelled: Arc<AtomicBool>,
+    cancelled: Cancel,
     span: Span,
     cost: Arc<UnitCost>,
 }
@@ -275,7 +273,7 @@ fn run_unit<W: Workload>(
     i: usize,
     unit: W::Unit,
 ) -> Result<W::Output, Error> {
-    if ctx.cancelled.load(Ordering::SeqCst) {
+    if ctx.cancelled.is_cancelled() {
         return Err(Error::Cancelled(format!("record {:?}: cancelled before unit {}", ctx.record_id, i + 1)));
     }
     let _enter = ctx.span.enter();
@@ -283,7 +281,9 @@ fn run_unit<W: Workload>(
     trace!(unit = i, units = ctx.count, "unit {}/{} of {}", i + 1, ctx.count, ctx.record_id);
     let started = Instant::now();
     let result =
-        guarded(&ctx.record_id, Step::Unit { index: i, count: ctx.count }, || workload.process(unit));
+        guarded(&ctx.record_id, Step::Unit { index: i, count: ctx.count }, || {
+            workload.process(unit, &ctx.cancelled)
+        });
     ctx.cost.observe(started.elapsed());
     stats.units_finished.fetch_add(1, Ordering::SeqCst);
     result
@@ -343,12 +343,13 @@ fn record_error(record_id: &str, what: Step, e: WorkloadError) -> Error {
         ErrorKind::Invalid => Error::InvalidArgument(msg),
         ErrorKind::Permanent => Error::FailedPrecondition(msg),
         ErrorKind::Transient => Error::Unavailable(msg),
+        ErrorKind::Cancelled => Error::Cancelled(msg),
     }
 }
 
 /// Marks a record cancelled when its future is dropped before it finished.
 struct CancelGuard<'a> {
-    cancelled: Arc<AtomicBool>,
+    cancelled: Cancel,
     finished: bool,
     stats: &'a EngineStats,
 }
@@ -356,7 +357,7 @@ struct CancelGuard<'a> {
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.cancelled.store(true, Ordering::SeqCst);
+            self.cancelled.cancel();
             self.stats.records_cancelled.fetch_add(1, Ordering::SeqCst);
             debug!("record cancelled; its remaining units will not start");
         }

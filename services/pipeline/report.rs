@@ -65,23 +65,22 @@ impl ReportBuilder {
         self.summary.records_failed
     }
 
-    /// Results for every record without one, in input order: failed with
-    /// `CANCELLED` and `reason`. `attempts(i)` tells how many were made.
-    pub fn cancel_unfinished(&self, reason: &str, attempts: impl Fn(usize) -> u32) -> Vec<RecordResult> {
-        (0..self.ids.len())
-            .filter(|&i| !self.done[i])
-            .map(|i| RecordResult {
-                record_id: self.ids[i].clone(),
-                index: i,
-                outcome: Outcome::Failed(Failure {
-                    code: tonic::Code::Cancelled,
-                    message: reason.to_owned(),
-                }),
-                attempts: attempts(i),
-                processor: String::new(),
-                elapsed: Duration::ZERO,
-            })
-            .collect()
+    /// Input positions of the records without a result yet, in order.
+    pub fn unfinished(&self) -> Vec<usize> {
+        (0..self.ids.len()).filter(|&i| !self.done[i]).collect()
+    }
+
+    /// The result of record `index` cancelled before it finished: failed
+    /// with `CANCELLED` and `reason`, after `attempts` attempts.
+    pub fn cancelled(&self, index: usize, reason: &str, attempts: u32) -> RecordResult {
+        RecordResult {
+            record_id: self.ids[index].clone(),
+            index,
+            outcome: Outcome::Failed(Failure { code: tonic::Code::Cancelled, message: reason.to_owned() }),
+            attempts,
+            processor: String::new(),
+            elapsed: Duration::ZERO,
+        }
     }
 
     /// The final report.
@@ -135,12 +134,11 @@ mod tests {
         assert!(b.add(&result(2, true, 1)));
         assert!(b.add(&result(0, false, 3)));
         assert!(!b.add(&result(0, true, 1)), "a second result for r0 is refused");
-        let cancelled = b.cancel_unfinished("aborted", |_| 0);
-        assert_eq!(cancelled.len(), 1);
-        assert_eq!(cancelled[0].record_id, "r1");
-        for r in &cancelled {
-            assert!(b.add(r));
-        }
+        assert_eq!(b.unfinished(), [1]);
+        let cancelled = b.cancelled(1, "aborted", 0);
+        assert_eq!(cancelled.record_id, "r1");
+        assert!(b.add(&cancelled));
+        assert!(b.unfinished().is_empty());
         let report = b.finish(None);
         assert_eq!(report.status, RunStatus::PartiallyFailed);
         assert_eq!(report.summary.total_records_processed, 3);

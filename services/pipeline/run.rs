@@ -2,20 +2,30 @@
 //! gathered.
 //!
 //! A run is one task. It keeps up to `max_in_flight` record futures in a
-//! `FuturesUnordered`; each future makes the record's attempts (choosing an
-//! instance, calling it, backing off). Results leave as events in completion
-//! order; when the last is in, the report follows. Dropping the task's
-//! futures cancels their calls, which is how a gone client, an exceeded
-//! failure tolerance and shutdown stop the work below them.
+//! `FuturesUnordered`; each future makes the record's attempts (waiting for a
+//! slot on an instance, calling it, backing off). Results leave as events in
+//! completion order; when the last is in, the report follows. Dropping the
+//! task's futures cancels their calls, which is how a gone client, an
+//! exceeded failure tolerance, a stalled client and shutdown stop the work
+//! below them.
+//!
+//! The task always reads its processors' responses, whether or not its
+//! client reads its events: results the client has not taken wait in a
+//! small outbox, and while the outbox is full no new record is started, so
+//! an unread run slows only itself (unread responses would otherwise fill
+//! the HTTP/2 connection shared with every other run). A client that takes
+//! nothing for the stalled-client timeout has its run cancelled.
 
-use super::balancer::Balancer;
+use super::balancer::{CallError, RunQueue};
 use super::report::{Abort, ReportBuilder};
 use super::retry::{Backoff, is_transient};
+use super::wire::ProcessRecordWire;
 use crate::convert;
-use crate::domain::{Failure, Outcome, Payload, RecordResult, RunEvent, RunRecord, RunSpec, UnitMode};
-use crate::proto;
+use crate::domain::{Failure, Outcome, RecordResult, RunEvent, RunRecord, RunSpec, UnitMode};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use prost::bytes::Bytes;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -23,12 +33,20 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+/// Events a run keeps for a client that is not reading, beyond the
+/// channel's own buffer, before it stops starting records.
+const OUTBOX_LIMIT: usize = 64;
+
+/// Consecutive "not started" refusals (a processor shared with other
+/// pipelines was full) before they count as one failed attempt.
+const MAX_NOT_STARTED: u32 = 20;
+
 /// What a run shares with its record futures.
 struct RunCtx {
-    run_id: String,
+    run_id: Bytes,
     mode: UnitMode,
-    params: Payload,
-    balancer: Arc<Balancer>,
+    params: Bytes,
+    queue: RunQueue,
     backoff: Backoff,
     max_attempts: u32,
     record_timeout: Duration,
@@ -36,30 +54,102 @@ struct RunCtx {
     attempts: Vec<AtomicU32>,
 }
 
-/// How a run ends early.
+/// How a run ends early, and its bounds.
 #[derive(Debug, Clone)]
 pub struct RunControl {
     /// Cancelled when the client's stream is dropped: stop, report nothing.
     pub client_gone: CancellationToken,
     /// Cancelled when the pipeline shuts down: stop, report `CANCELLED`.
     pub shutdown: CancellationToken,
+    /// A client that takes no event for this long has its run cancelled.
+    pub stalled_client_timeout: Duration,
 }
 
-/// Runs `spec` to completion, sending its events to `events`.
+/// Runs `spec` to completion over the slots of `queue`'s balancer, sending
+/// its events to `events`.
 pub async fn execute(
     spec: RunSpec,
-    balancer: Arc<Balancer>,
+    queue: RunQueue,
+    processor_count: usize,
     backoff: Backoff,
     events: mpsc::Sender<RunEvent>,
     control: RunControl,
 ) {
     let span = info_span!("run", run_id = %spec.run_id);
-    execute_inner(spec, balancer, backoff, events, control).instrument(span).await
+    execute_inner(spec, queue, processor_count, backoff, events, control).instrument(span).await
+}
+
+/// Why sending to the client stopped.
+enum Gone {
+    /// The client cancelled or disconnected.
+    Left,
+    /// The client took nothing for the stalled-client timeout.
+    Stalled,
+}
+
+/// Events on their way to the client: the channel, and an outbox for when
+/// the channel is full.
+struct Outbox {
+    tx: mpsc::Sender<RunEvent>,
+    queue: VecDeque<RunEvent>,
+    /// Since when the client has taken nothing while events waited.
+    blocked_since: Option<Instant>,
+    stall: Duration,
+}
+
+impl Outbox {
+    fn push(&mut self, event: RunEvent) -> Result<(), Gone> {
+        if self.queue.is_empty() {
+            match self.tx.try_send(event) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Gone::Left),
+                Err(mpsc::error::TrySendError::Full(event)) => self.queue.push_back(event),
+            }
+            self.blocked_since = Some(Instant::now());
+        } else {
+            self.queue.push_back(event);
+        }
+        Ok(())
+    }
+
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.blocked_since.map(|t| tokio::time::Instant::from_std(t + self.stall))
+    }
+
+    /// Waits until the client takes one queued event (or the stall deadline).
+    async fn send_one(&mut self) -> Result<(), Gone> {
+        let deadline = self.deadline().unwrap_or_else(|| tokio::time::Instant::now() + self.stall);
+        let permit = match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
+            Err(_) => return Err(Gone::Stalled),
+            Ok(Err(_)) => return Err(Gone::Left),
+            Ok(Ok(permit)) => permit,
+        };
+        if let Some(event) = self.queue.pop_front() {
+            permit.send(event);
+        }
+        self.blocked_since = if self.queue.is_empty() { None } else { Some(Instant::now()) };
+        Ok(())
+    }
+
+    /// Sends everything queued.
+    async fn flush(&mut self) -> Result<(), Gone> {
+        while !self.queue.is_empty() {
+            self.send_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one more event and waits until it is in the channel.
+    async fn send(&mut self, event: RunEvent) -> Result<(), Gone> {
+        self.push(event)?;
+        self.flush().await
+    }
 }
 
 async fn execute_inner(
     spec: RunSpec,
-    balancer: Arc<Balancer>,
+    queue: RunQueue,
+    processor_count: usize,
     backoff: Backoff,
     events: mpsc::Sender<RunEvent>,
     control: RunControl,
@@ -68,33 +158,39 @@ async fn execute_inner(
     let opts = spec.options;
     info!(
         records = n,
-        processors = balancer.endpoints().len(),
+        processors = processor_count,
         max_in_flight = opts.max_in_flight,
         mode = ?spec.mode,
         "run started"
     );
+    let mut outbox =
+        Outbox { tx: events, queue: VecDeque::new(), blocked_since: None, stall: control.stalled_client_timeout };
     let started = RunEvent::Started {
         run_id: spec.run_id.clone(),
         record_count: n as u32,
-        processor_count: balancer.endpoints().len() as u32,
+        processor_count: processor_count as u32,
         started_at: SystemTime::now(),
     };
-    let send = |event| async {
-        tokio::select! {
-            r = events.send(event) => r.is_ok(),
-            _ = control.client_gone.cancelled() => false,
-        }
-    };
-    if !send(started).await {
-        return;
+    // Every send to the client also watches for it leaving.
+    macro_rules! deliver {
+        ($fut:expr) => {
+            let sent = tokio::select! {
+                r = $fut => r,
+                _ = control.client_gone.cancelled() => Err(Gone::Left),
+            };
+            if let Err(why) = sent {
+                return gone(why, &control);
+            }
+        };
     }
+    deliver!(outbox.send(started));
     let ids = spec.records.iter().map(|r| r.id.clone()).collect();
     let mut report = ReportBuilder::new(spec.run_id.clone(), ids, opts.summary_only);
     let ctx = Arc::new(RunCtx {
-        run_id: spec.run_id,
+        run_id: Bytes::from(spec.run_id.into_bytes()),
         mode: spec.mode,
         params: spec.params,
-        balancer,
+        queue,
         backoff,
         max_attempts: opts.max_attempts,
         record_timeout: opts.record_timeout,
@@ -104,44 +200,50 @@ async fn execute_inner(
     let mut in_flight = FuturesUnordered::new();
     let mut abort = None;
     loop {
-        // max(1): even a misconfigured limit of 0 must not strand records.
-        while in_flight.len() < opts.max_in_flight.max(1) {
+        // New records only while the client keeps up; in-flight ones are
+        // always read. max(1): a limit of 0 must not strand records.
+        while in_flight.len() < opts.max_in_flight.max(1) && outbox.queue.len() < OUTBOX_LIMIT {
             let Some((index, record)) = pending.next() else { break };
             in_flight.push(process_record(ctx.clone(), index, record));
         }
-        let result = tokio::select! {
+        if in_flight.is_empty() && outbox.queue.is_empty() {
+            break;
+        }
+        let stall_at = outbox.deadline();
+        tokio::select! {
             biased;
-            _ = control.client_gone.cancelled() => {
-                info!("client went away; run cancelled");
-                return;
-            }
+            _ = control.client_gone.cancelled() => return gone(Gone::Left, &control),
             _ = control.shutdown.cancelled() => {
                 warn!("pipeline shutting down; run cancelled");
                 abort = Some(Abort::Shutdown);
                 break;
             }
-            next = in_flight.next() => match next {
-                Some(result) => result,
-                None => break,
-            },
-        };
-        report.add(&result);
-        if !send(RunEvent::Record(result)).await {
-            return;
-        }
-        if opts.tolerated_failures.is_some_and(|t| report.failed() > t) {
-            warn!(
-                failed = report.failed(),
-                tolerated = opts.tolerated_failures,
-                "too many failed records; run aborted"
-            );
-            abort = Some(Abort::TooManyFailures);
-            break;
+            sent = outbox.send_one(), if stall_at.is_some() => {
+                if let Err(why) = sent {
+                    return gone(why, &control);
+                }
+            }
+            Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                report.add(&result);
+                if let Err(why) = outbox.push(RunEvent::Record(result)) {
+                    return gone(why, &control);
+                }
+                if opts.tolerated_failures.is_some_and(|t| report.failed() > t) {
+                    warn!(
+                        failed = report.failed(),
+                        tolerated = opts.tolerated_failures,
+                        "too many failed records; run aborted"
+                    );
+                    abort = Some(Abort::TooManyFailures);
+                    break;
+                }
+            }
         }
     }
     // Dropping the in-flight futures cancels their processor calls.
     drop(in_flight);
     drop(pending);
+    deliver!(outbox.flush());
     if let Some(why) = abort {
         let reason = match why {
             Abort::TooManyFailures => format!(
@@ -151,11 +253,10 @@ async fn execute_inner(
             ),
             Abort::Shutdown => "run cancelled: the pipeline is shutting down".to_owned(),
         };
-        for result in report.cancel_unfinished(&reason, |i| ctx.attempts[i].load(Ordering::Relaxed)) {
+        for index in report.unfinished() {
+            let result = report.cancelled(index, &reason, ctx.attempts[index].load(Ordering::Relaxed));
             report.add(&result);
-            if !send(RunEvent::Record(result)).await {
-                return;
-            }
+            deliver!(outbox.send(RunEvent::Record(result)));
         }
     }
     let report = report.finish(abort);
@@ -167,62 +268,102 @@ async fn execute_inner(
         elapsed_ms = report.elapsed.as_millis() as u64,
         "run finished"
     );
-    send(RunEvent::Report(report)).await;
+    deliver!(outbox.send(RunEvent::Report(report)));
+}
+
+/// The run ends without its report: the client left, or stopped reading.
+fn gone(why: Gone, control: &RunControl) {
+    match why {
+        Gone::Left => info!("client went away; run cancelled"),
+        Gone::Stalled => warn!(
+            stalled_client_timeout_ms = control.stalled_client_timeout.as_millis() as u64,
+            "client read nothing for the stalled-client timeout; run cancelled"
+        ),
+    }
 }
 
 /// One record's sub-pipeline: attempts until success, a permanent failure, or
-/// `max_attempts`, each on the least-loaded instance, avoiding the last one.
+/// `max_attempts`, each on a free slot of the least-loaded instance, avoiding
+/// the last one. The attempt's timeout starts when it has its slot.
 async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> RecordResult {
     let started = Instant::now();
-    let mut req = proto::ProcessRecordRequest {
+    let record_id = record.id;
+    let mut req = ProcessRecordWire {
         run_id: ctx.run_id.clone(),
-        record: Some(proto::Record { id: record.id, attributes: Some(record.attributes) }),
+        record: record.encoded,
         unit_mode: convert::unit_mode_to_proto(ctx.mode) as i32,
-        params: Some(ctx.params.clone()),
+        params: ctx.params.clone(),
         attempt: 0,
     };
     let mut avoid = None;
+    let mut not_started = 0;
+    let mut processor = String::new();
     loop {
-        req.attempt += 1;
-        let attempt = req.attempt;
-        ctx.attempts[index].store(attempt, Ordering::Relaxed);
-        let lease = ctx.balancer.pick(avoid);
-        let result = lease.process(req.clone(), ctx.record_timeout).await;
-        let record_id = req.record.as_ref().map(|r| r.id.clone()).unwrap_or_default();
-        let outcome = match result {
-            Ok(resp) => Outcome::Succeeded {
-                output: resp.output.unwrap_or_default(),
-                units_processed: resp.units_processed,
-            },
-            Err(status) => {
-                let code = status.code();
-                if is_transient(code) && attempt < ctx.max_attempts {
-                    let delay = ctx.backoff.delay(attempt);
-                    debug!(
-                        record_id = %record_id,
-                        attempt,
-                        processor = lease.url(),
-                        error = %status.message(),
-                        code = ?code,
-                        delay_ms = delay.as_millis() as u64,
-                        "attempt failed; retrying"
-                    );
-                    avoid = Some(lease.index);
-                    drop(lease);
-                    tokio::time::sleep(delay).await;
-                    continue;
+        let attempt = req.attempt + 1;
+        let failure = match ctx.queue.acquire(avoid).await {
+            // No instance is up: this counts as a failed attempt.
+            Err(e) => tonic::Status::from(e),
+            Ok(lease) => {
+                req.attempt = attempt;
+                ctx.attempts[index].store(attempt, Ordering::Relaxed);
+                processor = lease.url().to_owned();
+                avoid = Some(lease.index);
+                match lease.process(req.clone(), ctx.record_timeout).await {
+                    Ok(resp) => {
+                        let outcome = Outcome::Succeeded {
+                            output: resp.output.unwrap_or_default(),
+                            units_processed: resp.units_processed,
+                        };
+                        return result(record_id, index, outcome, attempt, processor, started);
+                    }
+                    Err(CallError::NotStarted(status)) => {
+                        not_started += 1;
+                        if not_started <= MAX_NOT_STARTED {
+                            // Not an attempt: the processor never began it.
+                            req.attempt -= 1;
+                            drop(lease);
+                            debug!(record_id = ?record_id, processor = %processor, "processor full; record not started, sent again");
+                            tokio::time::sleep(ctx.backoff.delay(1)).await;
+                            continue;
+                        }
+                        status
+                    }
+                    Err(CallError::Failed(status)) => status,
                 }
-                debug!(record_id = %record_id, attempt, code = ?code, error = %status.message(), "record failed");
-                Outcome::Failed(Failure { code, message: status.message().to_owned() })
             }
         };
-        return RecordResult {
-            record_id,
-            index,
-            outcome,
-            attempts: attempt,
-            processor: lease.url().to_owned(),
-            elapsed: started.elapsed(),
-        };
+        let attempt = attempt.max(1);
+        ctx.attempts[index].store(attempt, Ordering::Relaxed);
+        req.attempt = attempt;
+        not_started = 0;
+        let code = failure.code();
+        if is_transient(code) && attempt < ctx.max_attempts {
+            let delay = ctx.backoff.delay(attempt);
+            debug!(
+                record_id = ?record_id,
+                attempt,
+                processor = %processor,
+                error = %failure.message(),
+                code = ?code,
+                delay_ms = delay.as_millis() as u64,
+                "attempt failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+            continue;
+        }
+        debug!(record_id = ?record_id, attempt, code = ?code, error = %failure.message(), "record failed");
+        let outcome = Outcome::Failed(Failure { code, message: failure.message().to_owned() });
+        return result(record_id, index, outcome, attempt, processor, started);
     }
+}
+
+fn result(
+    record_id: String,
+    index: usize,
+    outcome: Outcome,
+    attempts: u32,
+    processor: String,
+    started: Instant,
+) -> RecordResult {
+    RecordResult { record_id, index, outcome, attempts, processor, elapsed: started.elapsed() }
 }

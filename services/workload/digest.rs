@@ -8,8 +8,13 @@
 //!   the first 8 bytes, big-endian.
 //! - Output: `unit_count` (number), `xor_digest`, `min_unit`, `max_unit`
 //!   (16 lowercase hex digits each).
+//! - Limits: `params.rounds` over the instance's `max_rounds` (the
+//!   processor's `--max-rounds`, default [`DEFAULT_MAX_ROUNDS`]) is
+//!   `INVALID_ARGUMENT` naming the limit; a unit checks its record's
+//!   cancellation every [`CANCEL_CHECK_ROUNDS`] rounds, so even a long one
+//!   stops within about a millisecond of its record being cancelled.
 
-use super::{Workload, WorkloadError};
+use super::{Cancel, Workload, WorkloadError};
 use crate::domain::{JsonMap, Record};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -18,10 +23,32 @@ use sha2::{Digest as _, Sha256};
 pub const DEFAULT_ROUNDS: u64 = 10_000;
 /// Largest `attributes.units`.
 pub const MAX_UNITS: u64 = 10_000;
+/// Default largest `params.rounds` (about half a second of SHA-256 per unit
+/// on one core of this project's machines).
+pub const DEFAULT_MAX_ROUNDS: u64 = 1_000_000;
+/// Rounds between two checks of the record's cancellation flag.
+pub const CANCEL_CHECK_ROUNDS: u64 = 2_048;
 
 /// The reference workload. See the [module docs](self).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Digest;
+#[derive(Debug, Clone, Copy)]
+pub struct Digest {
+    /// Largest `params.rounds` accepted.
+    pub max_rounds: u64,
+}
+
+impl Default for Digest {
+    /// With [`DEFAULT_MAX_ROUNDS`].
+    fn default() -> Self {
+        Self { max_rounds: DEFAULT_MAX_ROUNDS }
+    }
+}
+
+impl Digest {
+    /// A digest workload accepting at most `max_rounds` rounds.
+    pub fn with_max_rounds(max_rounds: u64) -> Self {
+        Self { max_rounds }
+    }
+}
 
 /// One unit of the digest workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,11 +67,24 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 /// The value of one unit: SHA-256 of `input`, rehashed `rounds` times, first
 /// 8 bytes big-endian.
 pub fn unit_value(input: &[u8], rounds: u64) -> u64 {
+    unit_value_cancellable(input, rounds, &Cancel::new()).expect("never cancelled")
+}
+
+/// [`unit_value`], checking `cancel` every [`CANCEL_CHECK_ROUNDS`] rounds.
+pub fn unit_value_cancellable(input: &[u8], rounds: u64, cancel: &Cancel) -> Result<u64, WorkloadError> {
     let mut d: [u8; 32] = Sha256::digest(input).into();
-    for _ in 0..rounds {
-        d = Sha256::digest(d).into();
+    let mut left = rounds;
+    while left > 0 {
+        let chunk = left.min(CANCEL_CHECK_ROUNDS);
+        for _ in 0..chunk {
+            d = Sha256::digest(d).into();
+        }
+        left -= chunk;
+        if left > 0 {
+            cancel.check()?;
+        }
     }
-    u64::from_be_bytes(d[..8].try_into().expect("32-byte digest"))
+    Ok(u64::from_be_bytes(d[..8].try_into().expect("32-byte digest")))
 }
 
 /// Units of a record with no `attributes.units`: 10..=30, from its id.
@@ -52,7 +92,9 @@ pub fn default_unit_count(id: &str) -> u64 {
     10 + fnv1a64(id.as_bytes()) % 21
 }
 
-/// A JSON number that is a whole number in `0..=2^53`, else `None`.
+/// A JSON number that is a whole number in `0..=2^53`, else `None`. (A
+/// non-finite number never gets here: the processor refuses NaN and
+/// Infinity when it converts the request.)
 fn whole_number(v: &Value) -> Option<u64> {
     let f = v.as_f64()?;
     (f.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(&f)).then_some(f as u64)
@@ -90,6 +132,12 @@ impl Workload for Digest {
 
     fn extract(&self, record: &Record, params: &JsonMap) -> Result<Vec<DigestUnit>, WorkloadError> {
         let rounds = rounds(params)?;
+        if rounds > self.max_rounds {
+            return Err(WorkloadError::invalid(
+                "params.rounds",
+                format!("{rounds} is over the limit of {} (set by --max-rounds)", self.max_rounds),
+            ));
+        }
         let count = match record.attributes.get("units") {
             None => default_unit_count(&record.id),
             Some(v) => whole_number(v).filter(|n| (1..=MAX_UNITS).contains(n)).ok_or_else(|| {
@@ -102,8 +150,8 @@ impl Workload for Digest {
         Ok((0..count).map(|i| DigestUnit { input: format!("{}/{i}", record.id), rounds }).collect())
     }
 
-    fn process(&self, unit: DigestUnit) -> Result<u64, WorkloadError> {
-        Ok(unit_value(unit.input.as_bytes(), unit.rounds))
+    fn process(&self, unit: DigestUnit, cancel: &Cancel) -> Result<u64, WorkloadError> {
+        unit_value_cancellable(unit.input.as_bytes(), unit.rounds, cancel)
     }
 
     fn aggregate(&self, _record: &Record, values: Vec<u64>) -> Result<JsonMap, WorkloadError> {
@@ -138,9 +186,10 @@ mod tests {
     fn run(r: &Record, rounds: u64) -> JsonMap {
         let mut params = JsonMap::new();
         params.insert("rounds".into(), rounds.into());
-        let units = Digest.extract(r, &params).unwrap();
-        let values = units.into_iter().map(|u| Digest.process(u).unwrap()).collect();
-        Digest.aggregate(r, values).unwrap()
+        let d = Digest::default();
+        let units = d.extract(r, &params).unwrap();
+        let values = units.into_iter().map(|u| d.process(u, &Cancel::new()).unwrap()).collect();
+        d.aggregate(r, values).unwrap()
     }
 
     #[test]
@@ -204,15 +253,31 @@ mod tests {
             [serde_json::json!(0), serde_json::json!(10001), serde_json::json!(2.5), serde_json::json!("3")]
         {
             r.attributes.insert("units".into(), bad);
-            let e = Digest.extract(&r, &JsonMap::new()).unwrap_err();
+            let e = Digest::default().extract(&r, &JsonMap::new()).unwrap_err();
             assert_eq!(e.field.as_deref(), Some("attributes.units"));
         }
         let r = Record { id: "r".into(), attributes: JsonMap::new() };
         for bad in [serde_json::json!(-1), serde_json::json!("x"), serde_json::json!(1.5)] {
             let mut p = JsonMap::new();
             p.insert("rounds".into(), bad);
-            let e = Digest.extract(&r, &p).unwrap_err();
+            let e = Digest::default().extract(&r, &p).unwrap_err();
             assert_eq!(e.field.as_deref(), Some("params.rounds"));
         }
+        let mut p = JsonMap::new();
+        p.insert("rounds".into(), serde_json::json!(1e12));
+        let e = Digest::with_max_rounds(1000).extract(&r, &p).unwrap_err();
+        assert!(e.to_string().contains("limit of 1000 (set by --max-rounds)"), "{e}");
+    }
+
+    #[test]
+    fn a_cancelled_unit_stops() {
+        let cancel = Cancel::new();
+        cancel.cancel();
+        let started = std::time::Instant::now();
+        let e = unit_value_cancellable(b"r/0", u64::MAX, &cancel).unwrap_err();
+        assert_eq!(e.kind, crate::workload::ErrorKind::Cancelled);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let cancel = Cancel::new();
+        assert_eq!(unit_value_cancellable(b"r/0", 5000, &cancel).unwrap(), unit_value(b"r/0", 5000));
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! ```
 //! use fanout::domain::{JsonMap, Record};
-//! use fanout::workload::{Workload, WorkloadError};
+//! use fanout::workload::{Cancel, Workload, WorkloadError};
 //!
 //! /// Counts the characters of each word of `attributes.text`.
 //! struct WordLengths;
@@ -24,8 +24,17 @@
 //!         Ok(text.split_whitespace().map(str::to_owned).collect())
 //!     }
 //!
-//!     fn process(&self, unit: String) -> Result<usize, WorkloadError> {
-//!         Ok(unit.chars().count())
+//!     fn process(&self, unit: String, cancel: &Cancel) -> Result<usize, WorkloadError> {
+//!         let mut n = 0;
+//!         for (i, _) in unit.chars().enumerate() {
+//!             // A long unit checks now and then whether its record was
+//!             // cancelled (call dropped, deadline passed) and stops if so.
+//!             if i % 4096 == 0 {
+//!                 cancel.check()?;
+//!             }
+//!             n += 1;
+//!         }
+//!         Ok(n)
 //!     }
 //!
 //!     fn aggregate(&self, _record: &Record, lengths: Vec<usize>) -> Result<JsonMap, WorkloadError> {
@@ -42,6 +51,8 @@ pub mod digest;
 pub use digest::Digest;
 
 use crate::domain::{JsonMap, Record};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A record's processing, split into units. See the [module docs](self).
 ///
@@ -63,8 +74,12 @@ pub trait Workload: Send + Sync + 'static {
     fn extract(&self, record: &Record, params: &JsonMap) -> Result<Vec<Self::Unit>, WorkloadError>;
 
     /// Processes one unit. Blocking and CPU-bound is fine; a panic fails the
-    /// record, not the processor.
-    fn process(&self, unit: Self::Unit) -> Result<Self::Output, WorkloadError>;
+    /// record, not the processor. A unit that may run for long should call
+    /// [`Cancel::check`] every millisecond or so: once the record is
+    /// cancelled (its call dropped, its deadline passed, another unit failed)
+    /// it returns an error, and the unit should return it at once so the
+    /// thread moves on.
+    fn process(&self, unit: Self::Unit, cancel: &Cancel) -> Result<Self::Output, WorkloadError>;
 
     /// Folds the unit results (in unit order) into the record's output.
     fn aggregate(&self, record: &Record, outputs: Vec<Self::Output>) -> Result<JsonMap, WorkloadError>;
@@ -79,6 +94,41 @@ pub enum ErrorKind {
     Permanent,
     /// Another attempt may succeed (`UNAVAILABLE`, retried by the pipeline).
     Transient,
+    /// The record was cancelled while the unit ran ([`Cancel::check`]).
+    Cancelled,
+}
+
+/// A record's cancellation flag, as a unit sees it: set when the record's
+/// call is dropped (the pipeline cancelled it or its deadline passed) or
+/// another of its units failed. Checking it is one atomic load.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// A flag that is not set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the record has been cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// `Err` (kind [`ErrorKind::Cancelled`]) once the record is cancelled:
+    /// `cancel.check()?` inside a long unit stops it.
+    pub fn check(&self) -> Result<(), WorkloadError> {
+        if self.is_cancelled() {
+            Err(WorkloadError { kind: ErrorKind::Cancelled, field: None, message: "cancelled".into() })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sets the flag: every unit of the record that checks it stops.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A workload's error: kind, the field at fault (if any), and why.

@@ -16,7 +16,7 @@ use fanout::proto::record_processor_client::RecordProcessorClient;
 use fanout::proto::run_event::Event;
 use fanout::server::{self, Running};
 use fanout::workload::digest::{DigestUnit, default_unit_count, unit_value};
-use fanout::workload::{Digest, Workload, WorkloadError};
+use fanout::workload::{Cancel, Digest, Workload, WorkloadError};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
@@ -496,10 +496,10 @@ impl Workload for TestWorkload {
             *left -= 1;
             return Err(WorkloadError::transient(format!("injected transient failure on {}", self.label)));
         }
-        Digest.extract(record, params)
+        Digest::default().extract(record, params)
     }
 
-    fn process(&self, unit: DigestUnit) -> Result<u64, WorkloadError> {
+    fn process(&self, unit: DigestUnit, cancel: &Cancel) -> Result<u64, WorkloadError> {
         if let Some(gate) = &self.gate {
             gate.wait();
         }
@@ -508,10 +508,10 @@ impl Workload for TestWorkload {
         {
             panic!("injected panic in {}", unit.input);
         }
-        Digest.process(unit)
+        Digest::default().process(unit, cancel)
     }
 
     fn aggregate(&self, record: &Record, outputs: Vec<u64>) -> Result<JsonMap, WorkloadError> {
-        Digest.aggregate(record, outputs)
+        Digest::default().aggregate(record, outputs)
     }
 }
