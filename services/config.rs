@@ -55,6 +55,9 @@ pub struct ProcessorConfig {
     /// cancelled, so leave it at 0 (off) unless every unit is cheap.
     #[arg(long, env = "FANOUT_INLINE_BUDGET", default_value = "0s", value_parser = humantime::parse_duration)]
     pub inline_budget: Duration,
+    /// Client connection limits and timeouts.
+    #[command(flatten)]
+    pub connections: ConnectionLimits,
     /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -132,7 +135,7 @@ pub struct PipelineConfig {
     #[arg(long, env = "FANOUT_BACKOFF_MAX", default_value = "2s", value_parser = humantime::parse_duration)]
     pub backoff_max: Duration,
     /// Largest `Run` request accepted, in bytes (bigger is rejected before decoding).
-    #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 64 * MIB)]
+    #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 32 * MIB)]
     pub max_message_bytes: usize,
     /// Most runs in progress at once; one more is refused with
     /// RESOURCE_EXHAUSTED naming this flag.
@@ -148,6 +151,9 @@ pub struct PipelineConfig {
     /// control window stays full) is cancelled and logged.
     #[arg(long, env = "FANOUT_STALLED_CLIENT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub stalled_client_timeout: Duration,
+    /// Client connection limits and timeouts.
+    #[command(flatten)]
+    pub connections: ConnectionLimits,
     /// On SIGINT/SIGTERM, how long runs may take to finish before they are
     /// cancelled (and report CANCELLED).
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -211,6 +217,29 @@ pub struct RunLimits {
 impl Default for RunLimits {
     fn default() -> Self {
         PipelineConfig::new(Vec::<String>::new()).limits
+    }
+}
+
+/// How a server treats client connections (both servers).
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct ConnectionLimits {
+    /// A connection that has not sent the HTTP/2 preface and its first frame
+    /// within this is closed; 0 disables the check.
+    #[arg(long, env = "FANOUT_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// A connection with no open call for this long is closed; 0 keeps idle
+    /// connections open.
+    #[arg(long, env = "FANOUT_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most calls open at once on one connection (HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); a client queues the others.
+    #[arg(long, env = "FANOUT_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ProcessorConfig::default().connections
     }
 }
 

@@ -228,7 +228,8 @@ pub fn record_task_from_proto(req: proto::ProcessRecordRequest) -> Result<Record
     }
     check_label(&record.id, MAX_RECORD_ID_BYTES)
         .map_err(|why| Error::InvalidArgument(format!("record.id: {why}")))?;
-    check_label(&req.run_id, MAX_RUN_ID_BYTES).map_err(|why| Error::InvalidArgument(format!("run_id: {why}")))?;
+    check_label(&req.run_id, MAX_RUN_ID_BYTES)
+        .map_err(|why| Error::InvalidArgument(format!("run_id: {why}")))?;
     let found = record.attributes.as_ref().and_then(|s| non_finite(s, "attributes"));
     if let Some((path, n)) = found.or_else(|| req.params.as_ref().and_then(|s| non_finite(s, "params"))) {
         return Err(Error::InvalidArgument(format!(
@@ -258,7 +259,9 @@ fn non_finite(s: &prost_types::Struct, prefix: &str) -> Option<(String, &'static
                 Some((path, if *n > 0.0 { "Infinity" } else { "-Infinity" }))
             }
             Some(Kind::StructValue(s)) => s.fields.iter().find_map(|(k, v)| walk(v, format!("{path}.{k}"))),
-            Some(Kind::ListValue(l)) => l.values.iter().enumerate().find_map(|(i, v)| walk(v, format!("{path}[{i}]"))),
+            Some(Kind::ListValue(l)) => {
+                l.values.iter().enumerate().find_map(|(i, v)| walk(v, format!("{path}[{i}]")))
+            }
             _ => None,
         }
     }

@@ -27,6 +27,8 @@
 //! - [`config`]: command-line flags and env vars of both servers.
 //! - [`server`]: serving: health (the pipeline's follows its processors),
 //!   reflection, listen, graceful shutdown.
+//! - [`listener`]: accepting connections (back-off when out of descriptors),
+//!   handshake and idle timeouts, open calls counted per connection.
 //! - [`telemetry`]: tracing subscriber set-up for the binaries.
 
 #![warn(missing_docs)]
@@ -36,6 +38,7 @@ pub mod convert;
 pub mod domain;
 pub mod engine;
 pub mod error;
+pub mod listener;
 pub mod pipeline;
 pub mod processor;
 pub mod proto;

@@ -7,31 +7,25 @@
 //! `CANCELLED`) and close, with a last bound so a stuck stream cannot hold
 //! the process.
 
-use crate::config::{PipelineConfig, ProcessorConfig};
+use crate::config::{ConnectionLimits, PipelineConfig, ProcessorConfig};
 use crate::engine::{Engine, EngineStats};
 use crate::error::Error;
+use crate::listener::{Incoming, TrackCallsLayer};
 use crate::pipeline::PipelineService;
+use crate::pipeline::admission::Admission;
 use crate::pipeline::balancer::{Balancer, PROCESSOR_SERVICE};
 use crate::processor::{Description, ProcessorService};
 use crate::proto;
 use crate::workload::Workload;
-use futures::StreamExt;
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::Response;
 use tonic::service::Routes;
 use tonic::transport::Server;
-use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
@@ -48,12 +42,20 @@ pub struct Running {
     /// The address actually bound.
     pub addr: SocketAddr,
     stop: CancellationToken,
-    /// Severs every open connection at once (see [`Severable`]).
+    /// Severs every open connection at once (see [`Severable`](crate::listener::Severable)).
     sever: CancellationToken,
     task: JoinHandle<Result<(), Error>>,
+    /// A pipeline's run admission (None for a processor).
+    admission: Option<Arc<Admission>>,
 }
 
 impl Running {
+    /// Runs in progress on a pipeline (0 for a processor): the run tasks
+    /// that have not ended, whether or not their clients are still there.
+    pub fn active_runs(&self) -> usize {
+        self.admission.as_ref().map_or(0, |a| a.active_runs())
+    }
+
     /// A token that starts graceful shutdown when cancelled.
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
@@ -122,8 +124,8 @@ pub async fn start_processor<W: Workload>(
     };
     let service = ProcessorService::new(engine, cfg.capacity(), description);
     let service = proto::record_processor_server::RecordProcessorServer::new(service)
-            .max_decoding_message_size(cfg.max_message_bytes)
-            .max_encoding_message_size(usize::MAX);
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(usize::MAX);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PROCESSOR_SERVICE, ServingStatus::Serving).await;
     let router = base_routes(PROCESSOR_SERVICE, health)?.add_service(service);
@@ -131,6 +133,7 @@ pub async fn start_processor<W: Workload>(
         spawn(
             router,
             cfg.max_message_bytes,
+            &cfg.connections,
             listener,
             addr,
             reporter,
@@ -150,16 +153,19 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
     let cancel_runs = CancellationToken::new();
     let pipeline = PipelineService::new(cfg, cancel_runs.clone())?;
     let balancer = pipeline.balancer().clone();
+    let admission = pipeline.admission().clone();
     info!(%addr, processors = ?cfg.processors, "fanout-pipeline listening");
     let service = proto::pipeline_server::PipelineServer::new(pipeline)
         .max_decoding_message_size(cfg.max_message_bytes)
-        .max_encoding_message_size(usize::MAX);
+        .max_encoding_message_size(crate::convert::MAX_EVENT_BYTES);
+    let service = admission.budgeted(service);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PIPELINE_SERVICE, ServingStatus::Serving).await;
     let router = base_routes(PIPELINE_SERVICE, health)?.add_service(service);
-    let running = spawn(
+    let mut running = spawn(
         router,
         cfg.max_message_bytes,
+        &cfg.connections,
         listener,
         addr,
         reporter.clone(),
@@ -167,6 +173,7 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
         cfg.drain_timeout,
         Some(cancel_runs),
     );
+    running.admission = Some(admission);
     follow_processors(balancer, reporter, cfg.health_interval, running.stop_token());
     Ok(running)
 }
@@ -234,11 +241,55 @@ fn base_routes(
     Ok(Routes::new(health).add_service(v1).add_service(v1alpha))
 }
 
-/// tonic answers a request over the decoding limit with `OUT_OF_RANGE` and a
-/// message that names no setting. This rewrites that one answer to
-/// `INVALID_ARGUMENT` naming the limit and the flag that sets it; every other
-/// response passes through untouched.
-fn oversize_as_invalid_argument<B: Default>(limit: usize) -> impl Fn(Response<B>) -> Response<B> + Clone {
+/// Rewrites the answers tonic gives a request it cannot take, which name no
+/// setting or blame the server, to `INVALID_ARGUMENT` saying what is wrong
+/// with the request; every other response passes through untouched.
+///
+/// - Over the decoding limit, tonic answers `OUT_OF_RANGE` ("decoded message
+///   length too large: found N bytes, the limit is: M bytes"): the answer
+///   names the limit and the flag that sets it.
+/// - A request prost cannot decode (invalid UTF-8 in a string field, messages
+///   nested past prost's recursion limit of 100, a malformed field) is
+///   answered `INTERNAL` by tonic-prost ("failed to decode Protobuf message:
+///   Inner.field: Outer.field: what"): the answer says the request could not
+///   be decoded, why, and where.
+fn request_errors_as_invalid_argument<B: Default>(
+    limit: usize,
+) -> impl Fn(Response<B>) -> Response<B> + Clone {
+    /// The location stack comes innermost first; at most this many of its
+    /// outermost entries are shown (one per nesting level when too deep).
+    const SHOWN: usize = 4;
+    fn undecodable(message: &str) -> Option<String> {
+        let rest = message.strip_prefix("failed to decode Protobuf message: ")?;
+        let mut path = Vec::new();
+        let mut what = rest;
+        while let Some((head, tail)) = what.split_once(": ") {
+            let is_field = head.split_once('.').is_some_and(|(m, f)| {
+                !m.is_empty()
+                    && !f.is_empty()
+                    && head.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+            });
+            if !is_field {
+                break;
+            }
+            path.push(head);
+            what = tail;
+        }
+        let why = match what {
+            "invalid string value: data is not UTF-8 encoded" => "invalid UTF-8 in a string field".to_owned(),
+            "recursion limit reached" => "nested too deeply (more than 100 levels of messages)".to_owned(),
+            other => format!("malformed protobuf ({other})"),
+        };
+        path.reverse();
+        let mut at = path.iter().take(SHOWN).copied().collect::<Vec<_>>().join(" > ");
+        if path.len() > SHOWN {
+            at.push_str(&format!(" > ... ({} more)", path.len() - SHOWN));
+        }
+        Some(match at.is_empty() {
+            true => format!("request could not be decoded: {why}"),
+            false => format!("request could not be decoded: {why}, at {at}"),
+        })
+    }
     move |response: Response<B>| match tonic::Status::from_header_map(response.headers()) {
         Some(s)
             if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") =>
@@ -249,6 +300,10 @@ fn oversize_as_invalid_argument<B: Default>(limit: usize) -> impl Fn(Response<B>
             ))
             .into_http()
         }
+        Some(s) if s.code() == tonic::Code::Internal => match undecodable(s.message()) {
+            Some(message) => tonic::Status::invalid_argument(message).into_http(),
+            None => response,
+        },
         _ => response,
     }
 }
@@ -257,6 +312,7 @@ fn oversize_as_invalid_argument<B: Default>(limit: usize) -> impl Fn(Response<B>
 fn spawn(
     routes: Routes,
     max_message_bytes: usize,
+    connections: &ConnectionLimits,
     listener: TcpListener,
     addr: SocketAddr,
     reporter: HealthReporter,
@@ -266,26 +322,34 @@ fn spawn(
 ) -> Running {
     let stop = CancellationToken::new();
     let sever = CancellationToken::new();
-    let severed = sever.clone();
-    let incoming = TcpListenerStream::new(listener).map(move |conn| {
-        conn.map(|c| {
-            // Small unary messages: send at once rather than wait for Nagle.
-            let _ = c.set_nodelay(true);
-            Severable::new(c, &severed)
-        })
-    });
+    /// How often each connection is pinged (HTTP/2 PING)...
+    const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    /// ...and how long its answer may take before the connection is closed.
+    const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+    // Never errors nor spins (backs off when out of descriptors); closes
+    // connections without a handshake or idle past their timeouts.
+    let incoming = Incoming::new(listener, &sever, connections);
+    // Unless given, tonic replaces hyper's per-connection stream limit (200)
+    // and local-reset limit (1024, against "MadeYouReset" floods) with no
+    // limit at all; h2's bound on streams reset before accept (20, against
+    // "Rapid Reset") and hyper's 16 KiB header list limit stay as they are.
+    // Keepalive pings find dead peers (a call on a silent connection would
+    // otherwise wait forever).
+    let builder = Server::builder()
+        .max_concurrent_streams(connections.max_concurrent_streams.max(1))
+        .http2_max_local_error_reset_streams(Some(1024))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     let signal = stop.clone();
     let closing = sever.clone();
     let task = tokio::spawn(async move {
         let svc = tower::ServiceBuilder::new()
-            .map_response(oversize_as_invalid_argument(max_message_bytes))
+            .layer(TrackCallsLayer)
+            .map_response(request_errors_as_invalid_argument(max_message_bytes))
             .service(routes.prepare());
         let stop_accepting = CancellationToken::new();
-        let serve = Server::builder().serve_with_incoming_shutdown(
-            svc,
-            incoming,
-            stop_accepting.clone().cancelled_owned(),
-        );
+        let serve =
+            builder.serve_with_incoming_shutdown(svc, incoming, stop_accepting.clone().cancelled_owned());
         let mut serve = std::pin::pin!(serve);
         let transport = |e: tonic::transport::Error| Error::Transport(e.to_string());
         tokio::select! {
@@ -314,85 +378,7 @@ fn spawn(
         closing.cancel();
         Ok(())
     });
-    Running { addr, stop, sever, task }
-}
-
-/// An accepted connection that can be severed at once: reads and writes fail
-/// from the moment its token is cancelled, so hyper drops the connection and
-/// the calls on it. [`Running::abort`] uses it to stand for a crash, and
-/// shutdown to close what outlived its last bound.
-///
-/// Each connection watches a child token of its own: the check runs on every
-/// read and write, and a token's state sits behind a mutex, which one token
-/// shared by all connections would make a process-wide point of contention.
-struct Severable {
-    io: tokio::net::TcpStream,
-    severed: Pin<Box<WaitForCancellationFutureOwned>>,
-    done: bool,
-}
-
-impl Severable {
-    fn new(io: tokio::net::TcpStream, server: &CancellationToken) -> Self {
-        let severed = Box::pin(server.child_token().cancelled_owned());
-        Self { io, severed, done: false }
-    }
-
-    /// An error once severed; otherwise arranges a wake-up for when it is.
-    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.done || self.severed.as_mut().poll(cx).is_ready() {
-            self.done = true;
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server aborted"));
-        }
-        Ok(())
-    }
-}
-
-impl AsyncRead for Severable {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Severable {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-impl Connected for Severable {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.io.connect_info()
-    }
+    Running { addr, stop, sever, task, admission: None }
 }
 
 /// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix).

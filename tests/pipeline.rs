@@ -152,7 +152,11 @@ async fn summary_only_leaves_results_out_but_keeps_the_summary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processors_all_receive_work() {
-    let procs = [start_processor(Digest::default()).await, start_processor(Digest::default()).await, start_processor(Digest::default()).await];
+    let procs = [
+        start_processor(Digest::default()).await,
+        start_processor(Digest::default()).await,
+        start_processor(Digest::default()).await,
+    ];
     let urls: Vec<String> = procs.iter().map(|p| p.url.clone()).collect();
     let pipeline = start_pipeline(&urls).await;
     let mut client = pipeline_client(&pipeline.url()).await;

@@ -158,7 +158,11 @@ impl<W: Workload> Engine<W> {
         Ok(RecordOutput { output, units_processed: units, elapsed: started.elapsed() })
     }
 
-    async fn run(&self, task: &RecordTask, cancelled: &Cancel) -> Result<(crate::domain::JsonMap, u32), Error> {
+    async fn run(
+        &self,
+        task: &RecordTask,
+        cancelled: &Cancel,
+    ) -> Result<(crate::domain::JsonMap, u32), Error> {
         let id = &task.record.id;
         let units = guarded(id, Step::Extract, || self.workload.extract(&task.record, &task.params))?;
         let count = units.len();
@@ -280,10 +284,9 @@ fn run_unit<W: Workload>(
     stats.units_started.fetch_add(1, Ordering::SeqCst);
     trace!(unit = i, units = ctx.count, "unit {}/{} of {}", i + 1, ctx.count, ctx.record_id);
     let started = Instant::now();
-    let result =
-        guarded(&ctx.record_id, Step::Unit { index: i, count: ctx.count }, || {
-            workload.process(unit, &ctx.cancelled)
-        });
+    let result = guarded(&ctx.record_id, Step::Unit { index: i, count: ctx.count }, || {
+        workload.process(unit, &ctx.cancelled)
+    });
     ctx.cost.observe(started.elapsed());
     stats.units_finished.fetch_add(1, Ordering::SeqCst);
     result

@@ -227,14 +227,20 @@ impl Lease {
         let ep = &self.endpoint;
         let mut grpc = ep.calls.clone();
         let call = async {
-            grpc.ready().await.map_err(|e| tonic::Status::unavailable(format!("{}: not ready: {e}", ep.url)))?;
+            grpc.ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("{}: not ready: {e}", ep.url)))?;
             let mut request = tonic::Request::new(req);
             request.set_timeout(timeout);
             let path = tonic::codegen::http::uri::PathAndQuery::from_static(
                 "/fanout.v1.RecordProcessor/ProcessRecord",
             );
-            grpc.unary(request, path, tonic_prost::ProstCodec::<ProcessRecordWire, ProcessRecordResponse>::default())
-                .await
+            grpc.unary(
+                request,
+                path,
+                tonic_prost::ProstCodec::<ProcessRecordWire, ProcessRecordResponse>::default(),
+            )
+            .await
         };
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(resp)) => {
@@ -244,6 +250,17 @@ impl Lease {
             Ok(Err(status)) if is_not_started(&status) => {
                 self.balancer.answered(self.index);
                 Err(CallError::NotStarted(status))
+            }
+            Ok(Err(status))
+                if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" =>
+            {
+                // Our grpc-timeout, enforced by tonic on either side (the
+                // client's channel reports it with a transport source): the
+                // attempt timed out, the instance is fine.
+                Err(CallError::Failed(tonic::Status::deadline_exceeded(format!(
+                    "attempt timed out after {timeout:?} on {}",
+                    ep.url
+                ))))
             }
             Ok(Err(status)) => {
                 // A status with a source came from the transport (refused,
@@ -262,12 +279,6 @@ impl Lease {
                             ep.url
                         ))));
                     }
-                } else if status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired") {
-                    // The processor's own end of our grpc-timeout.
-                    return Err(CallError::Failed(tonic::Status::deadline_exceeded(format!(
-                        "attempt timed out after {timeout:?} on {}",
-                        ep.url
-                    ))));
                 } else {
                     self.balancer.answered(self.index);
                 }
@@ -435,7 +446,10 @@ impl Balancer {
         let mut sched = self.sched();
         if self.all_down() {
             if !sched.queues.is_empty() {
-                warn!(waiting = sched.queues.values().map(VecDeque::len).sum::<usize>(), "every processor is down");
+                warn!(
+                    waiting = sched.queues.values().map(VecDeque::len).sum::<usize>(),
+                    "every processor is down"
+                );
             }
             sched.queues.clear();
             sched.ring.clear();
@@ -526,7 +540,8 @@ impl Balancer {
     /// `UNAVAILABLE` naming each when none is usable. (A run is not accepted
     /// on health older than a probe interval.)
     pub async fn ensure_ready(self: &Arc<Self>) -> Result<(), Error> {
-        let fresh = self.now_ns().saturating_sub(u64::try_from(self.health_interval.as_nanos()).unwrap_or(u64::MAX));
+        let fresh =
+            self.now_ns().saturating_sub(u64::try_from(self.health_interval.as_nanos()).unwrap_or(u64::MAX));
         if self.endpoints.iter().any(|ep| ep.usable() && ep.last_ok.load(Ordering::Relaxed) >= fresh) {
             return Ok(());
         }
@@ -608,7 +623,8 @@ mod tests {
     async fn shares_work_in_proportion_to_slots() {
         let b = balancer(&[1, 2]);
         let q = b.run_queue();
-        let leases = [q.acquire(None).await.unwrap(), q.acquire(None).await.unwrap(), q.acquire(None).await.unwrap()];
+        let leases =
+            [q.acquire(None).await.unwrap(), q.acquire(None).await.unwrap(), q.acquire(None).await.unwrap()];
         let mut per = [0; 2];
         for l in &leases {
             per[l.index] += 1;
@@ -640,7 +656,8 @@ mod tests {
         assert!(futures::poll!(small_waiting.as_mut()).is_pending());
         drop(held);
         // One slot: the big run's oldest attempt gets it (its turn came first).
-        let first = tokio::time::timeout(Duration::from_secs(1), big_waiting.remove(0)).await.unwrap().unwrap();
+        let first =
+            tokio::time::timeout(Duration::from_secs(1), big_waiting.remove(0)).await.unwrap().unwrap();
         drop(first);
         // Next turn is the small run's, not the big run's second attempt.
         let got = tokio::time::timeout(Duration::from_secs(1), small_waiting).await.unwrap().unwrap();
@@ -693,7 +710,8 @@ mod tests {
 
     #[test]
     fn https_is_refused_until_tls_exists() {
-        let err = Balancer::new(&["https://p:1".into()], Duration::from_secs(1), Duration::from_secs(1)).unwrap_err();
+        let err = Balancer::new(&["https://p:1".into()], Duration::from_secs(1), Duration::from_secs(1))
+            .unwrap_err();
         assert!(err.to_string().contains("only http://"), "{err}");
     }
 }

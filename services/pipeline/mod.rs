@@ -5,13 +5,16 @@
 //! - [`balancer`]: which processor instance gets the next attempt.
 //! - [`retry`]: which failures are retried, and the backoff between attempts.
 //! - [`report`]: exactly-once bookkeeping and the final report.
+//! - [`admission`]: how many runs, and how many bytes of requests, the
+//!   pipeline takes at once.
 //! - [`wire`]: the processor call's request, its record and params encoded
 //!   once.
 //!
-//! Admission: a run is refused up front, with `RESOURCE_EXHAUSTED` naming
-//! the flag, when `--max-concurrent-runs` runs are in progress or its
-//! request would not fit in what is left of `--run-memory-budget`.
+//! A run is refused up front, with `RESOURCE_EXHAUSTED` naming the flag,
+//! when `--max-concurrent-runs` runs are in progress or its request would
+//! not fit in what is left of `--run-memory-budget` ([`admission`]).
 
+pub mod admission;
 pub mod balancer;
 pub mod report;
 pub mod retry;
@@ -23,6 +26,7 @@ use crate::convert;
 use crate::domain::RunEvent;
 use crate::error::Error;
 use crate::proto;
+use admission::Admission;
 use balancer::Balancer;
 use prost::Message;
 use retry::Backoff;
@@ -31,17 +35,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{Request, Response, Status};
 
 /// Events buffered between a run and its client's stream.
 const EVENT_BUFFER: usize = 32;
-
-/// Memory a run's accepted request costs per record beyond its encoded
-/// size (ids, bookkeeping), and per result kept for the report.
-const BYTES_PER_RECORD: usize = 192;
-const BYTES_PER_KEPT_RESULT: usize = 640;
 
 /// The `Pipeline` service.
 #[derive(Debug, Clone)]
@@ -52,65 +51,6 @@ pub struct PipelineService {
     cancel_runs: CancellationToken,
     admission: Arc<Admission>,
     stalled_client_timeout: Duration,
-}
-
-/// What bounds the runs a pipeline takes at once: their number, and the
-/// memory their requests hold.
-#[derive(Debug)]
-pub struct Admission {
-    runs: Arc<Semaphore>,
-    max_runs: usize,
-    /// Bytes of the run memory budget (`--run-memory-budget`).
-    pub memory: Arc<Semaphore>,
-    budget: usize,
-}
-
-/// What an accepted run holds until it ends.
-#[derive(Debug)]
-pub struct RunPermit {
-    _run: OwnedSemaphorePermit,
-    _memory: Option<OwnedSemaphorePermit>,
-}
-
-impl Admission {
-    /// Room for `max_runs` runs and `budget` bytes of their requests.
-    pub fn new(max_runs: usize, budget: usize) -> Self {
-        let budget = budget.clamp(1, Semaphore::MAX_PERMITS);
-        Self { runs: Arc::new(Semaphore::new(max_runs)), max_runs, memory: Arc::new(Semaphore::new(budget)), budget }
-    }
-
-    /// A place for a run whose accepted form costs about `bytes`, or
-    /// `RESOURCE_EXHAUSTED` naming the limit that is full.
-    pub fn admit(&self, bytes: usize) -> Result<RunPermit, Error> {
-        let run = self.runs.clone().try_acquire_owned().map_err(|_| Error::Exhausted {
-            what: format!("the pipeline is running {} runs", self.max_runs),
-            limit: self.max_runs as u64,
-            setting: "--max-concurrent-runs",
-        })?;
-        let memory = match u32::try_from(bytes) {
-            Ok(0) => None,
-            Ok(n) if (n as usize) <= self.budget => self.memory.clone().try_acquire_many_owned(n).ok(),
-            _ => None,
-        };
-        if bytes > 0 && memory.is_none() {
-            return Err(Error::Exhausted {
-                what: format!(
-                    "a run needing about {bytes} bytes does not fit in what is left of the run memory budget \
-                     ({} of {} bytes free)",
-                    self.memory.available_permits(),
-                    self.budget
-                ),
-                limit: self.budget as u64,
-                setting: "--run-memory-budget",
-            });
-        }
-        Ok(RunPermit { _run: run, _memory: memory })
-    }
-
-    /// Runs in progress.
-    pub fn active_runs(&self) -> usize {
-        self.max_runs - self.runs.available_permits()
-    }
 }
 
 impl PipelineService {
@@ -163,8 +103,7 @@ impl proto::pipeline_server::Pipeline for PipelineService {
     async fn run(&self, request: Request<proto::RunRequest>) -> Result<Response<RunStream>, Status> {
         let request = request.into_inner();
         let summary_only = request.options.as_ref().is_some_and(|o| o.summary_only);
-        let per_record = BYTES_PER_RECORD + if summary_only { 0 } else { BYTES_PER_KEPT_RESULT };
-        let cost = request.encoded_len().saturating_add(request.records.len().saturating_mul(per_record));
+        let cost = admission::run_cost(request.encoded_len(), request.records.len(), summary_only);
         let spec = convert::run_spec_from_proto(request, &self.limits)?;
         let permit = self.admission.admit(cost)?;
         self.balancer.ensure_ready().await?;

@@ -163,8 +163,12 @@ async fn execute_inner(
         mode = ?spec.mode,
         "run started"
     );
-    let mut outbox =
-        Outbox { tx: events, queue: VecDeque::new(), blocked_since: None, stall: control.stalled_client_timeout };
+    let mut outbox = Outbox {
+        tx: events,
+        queue: VecDeque::new(),
+        blocked_since: None,
+        stall: control.stalled_client_timeout,
+    };
     let started = RunEvent::Started {
         run_id: spec.run_id.clone(),
         record_count: n as u32,

@@ -51,16 +51,18 @@ mod tests {
         let record = proto::Record {
             id: "r-1".into(),
             attributes: Some(prost_types::Struct {
-                fields: [("units".to_owned(), prost_types::Value {
-                    kind: Some(prost_types::value::Kind::NumberValue(3.0)),
-                })]
+                fields: [(
+                    "units".to_owned(),
+                    prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(3.0)) },
+                )]
                 .into(),
             }),
         };
         let params = prost_types::Struct {
-            fields: [("rounds".to_owned(), prost_types::Value {
-                kind: Some(prost_types::value::Kind::NumberValue(7.0)),
-            })]
+            fields: [(
+                "rounds".to_owned(),
+                prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(7.0)) },
+            )]
             .into(),
         };
         let wire = ProcessRecordWire {
@@ -71,12 +73,15 @@ mod tests {
             attempt: 2,
         };
         let real = proto::ProcessRecordRequest::decode(wire.encode_to_vec().as_slice()).unwrap();
-        assert_eq!(real, proto::ProcessRecordRequest {
-            run_id: "run-1".into(),
-            record: Some(record),
-            unit_mode: proto::UnitMode::Sequential as i32,
-            params: Some(params),
-            attempt: 2,
-        });
+        assert_eq!(
+            real,
+            proto::ProcessRecordRequest {
+                run_id: "run-1".into(),
+                record: Some(record),
+                unit_mode: proto::UnitMode::Sequential as i32,
+                params: Some(params),
+                attempt: 2,
+            }
+        );
     }
 }

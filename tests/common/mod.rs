@@ -262,7 +262,16 @@ pub async fn run(
     client: &mut PipelineClient<Channel>,
     req: proto::RunRequest,
 ) -> Result<Collected, tonic::Status> {
-    tokio::time::timeout(WAIT, run_inner(client, req)).await.expect("run timed out")
+    run_for(client, req, WAIT).await
+}
+
+/// [`run`] under a bound of `limit` instead of [`WAIT`], for big runs.
+pub async fn run_for(
+    client: &mut PipelineClient<Channel>,
+    req: proto::RunRequest,
+    limit: Duration,
+) -> Result<Collected, tonic::Status> {
+    tokio::time::timeout(limit, run_inner(client, req)).await.expect("run timed out")
 }
 
 async fn run_inner(
