@@ -20,10 +20,13 @@
 //! - [`engine`]: the processor engine: units sequential or parallel on its
 //!   [`UnitPool`](engine::UnitPool) (one thread per core), errors, panics,
 //!   cancellation, tracing.
-//! - [`processor`]: the `RecordProcessor` gRPC service over the engine.
+//! - [`processor`]: the `RecordProcessor` gRPC service over the engine:
+//!   admission (slots, queue, "not started" refusals) and `Describe`.
 //! - [`pipeline`]: the `Pipeline` service: fan-out ([`pipeline::run`]),
-//!   instance choice ([`pipeline::balancer`]), retries
-//!   ([`pipeline::retry`]), the report ([`pipeline::report`]).
+//!   slots and instance choice ([`pipeline::balancer`]), retries
+//!   ([`pipeline::retry`]), the report ([`pipeline::report`]), run
+//!   admission and the memory budget ([`pipeline::admission`]), the
+//!   pre-encoded processor call ([`pipeline::wire`]).
 //! - [`config`]: command-line flags and env vars of both servers.
 //! - [`server`]: serving: health (the pipeline's follows its processors),
 //!   reflection, listen, graceful shutdown.
