@@ -35,7 +35,7 @@ pub struct ProcessorConfig {
     /// Records worked on at once; a pipeline keeps at most this many calls in
     /// flight here (it reads it from `Describe`). Above the unit threads so
     /// that the next record is already waiting when one finishes
-    /// [default: 4 x unit threads].
+    /// [default: 8 x unit threads].
     #[arg(long, env = "FANOUT_SLOTS")]
     pub slots: Option<usize>,
     /// Records allowed to wait for a slot (several pipelines sharing this
@@ -100,7 +100,7 @@ impl ProcessorConfig {
 
     /// Slots and queue, defaults applied.
     pub fn capacity(&self) -> crate::processor::Capacity {
-        let slots = self.slots.unwrap_or(4 * self.unit_threads()).max(1);
+        let slots = self.slots.unwrap_or(8 * self.unit_threads()).max(1);
         crate::processor::Capacity { slots, queue: self.queue.unwrap_or(slots) }
     }
 }
