@@ -143,6 +143,8 @@ impl RunQueue {
             if was_empty {
                 sched.ring.push_back(self.id);
             }
+            // Cheap insurance: if a slot is free after all, it goes out now.
+            b.dispatch_locked(&mut sched);
             rx
         };
         rx.await.map_err(|_| b.none_up())
