@@ -41,7 +41,7 @@ start() {
   echo "$2 did not start" >&2; exit 1
 }
 
-start proc_addr fanout-processor --listen 127.0.0.1:0
+start proc_addr fanout-processor --listen 127.0.0.1:0 --slots 3
 start pipe_addr fanout-pipeline --listen 127.0.0.1:0 --processors "$proc_addr"
 echo "processor $proc_addr, pipeline $pipe_addr"
 
@@ -74,4 +74,13 @@ echo "ok: one record event per record"
 bad=$(grpcurl -plaintext -d '{"records": [{"id": "a"}, {"id": "a"}]}' "$pipe_addr" fanout.v1.Pipeline/Run 2>&1 || true)
 expect "duplicate ids" "InvalidArgument" "$bad"
 expect "duplicate ids message" "duplicates record 0" "$bad"
+
+# Capacity, as a pipeline reads it (the processor was started with --slots 3).
+desc=$(grpcurl -plaintext -d '{}' "$proc_addr" fanout.v1.RecordProcessor/Describe)
+expect "Describe slots" '"slots": 3' "$desc"
+expect "Describe workload" '"workload": "digest"' "$desc"
+
+# Over --max-rounds: the record fails INVALID_ARGUMENT naming the flag.
+over=$(grpcurl -plaintext -d '{"records": [{"id": "a"}], "params": {"rounds": 1e12}}' "$pipe_addr" fanout.v1.Pipeline/Run)
+expect "max rounds" "max-rounds" "$over"
 echo "grpcurl interop: all checks passed"
