@@ -35,7 +35,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFutureOwned};
 use tonic::codegen::http::{Request, Response};
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// First delay after an accept error that is not about one connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -45,6 +45,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// Per-connection errors skipped in a row before yielding to the runtime.
 const SKIP_BUDGET: u32 = 64;
+/// Longer timeouts are cut to this, so deadlines (`Instant + timeout`) cannot
+/// overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The HTTP/2 client connection preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
 const PREFACE_LEN: usize = 24;
@@ -66,7 +69,9 @@ pub struct Incoming {
     delay: Duration,
     /// Set while backing off.
     pause: Option<Pin<Box<Sleep>>>,
-    /// When the last warning was logged, and failures since then.
+    /// When the last warning was logged, and failures since then (not
+    /// reset by a success, so the warnings stay rate-limited while the
+    /// process hovers at its limit).
     warned: Option<Instant>,
     suppressed: u64,
     /// Whether accepting is failing (for the "accepting again" line).
@@ -80,8 +85,8 @@ impl Incoming {
         Self {
             listener,
             server: server.clone(),
-            handshake_timeout: limits.handshake_timeout,
-            idle_timeout: limits.idle_timeout,
+            handshake_timeout: limits.handshake_timeout.min(MAX_TIMEOUT),
+            idle_timeout: limits.idle_timeout.min(MAX_TIMEOUT),
             delay: BACKOFF_MIN,
             pause: None,
             warned: None,
@@ -146,10 +151,10 @@ impl Stream for Incoming {
             match ready!(this.listener.poll_accept(cx)) {
                 Ok((io, peer)) => {
                     if this.failing {
-                        info!(suppressed = this.suppressed, "accepting connections again");
+                        // Not a warning: a process at its descriptor limit may
+                        // alternate between the two many times a second.
+                        debug!("accepting connections again");
                         this.failing = false;
-                        this.warned = None;
-                        this.suppressed = 0;
                     }
                     this.delay = BACKOFF_MIN;
                     // Small unary messages: send at once rather than wait for Nagle.
@@ -327,6 +332,8 @@ impl Severable {
         handshake_timeout: Duration,
         idle_timeout: Duration,
     ) -> Self {
+        let (handshake_timeout, idle_timeout) =
+            (handshake_timeout.min(MAX_TIMEOUT), idle_timeout.min(MAX_TIMEOUT));
         let token = server.child_token();
         let state = Arc::new(ConnState::new());
         if !handshake_timeout.is_zero() || !idle_timeout.is_zero() {
@@ -354,7 +361,7 @@ impl Severable {
 
 /// Severs the connection (cancels `token`) when it has not completed its
 /// handshake within `handshake`, or has had no open call for `idle`; ends
-/// when the connection is dropped. Wakes once for the handshake, then at
+/// when the connection is dropped. Wakes at the handshake deadline, then at
 /// most once per `idle`.
 async fn watchdog(
     state: Arc<ConnState>,
@@ -363,32 +370,29 @@ async fn watchdog(
     handshake: Duration,
     idle: Duration,
 ) {
-    if !handshake.is_zero() {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tokio::time::sleep(handshake) => {}
-        }
-        if !state.handshaken.load(Ordering::Acquire) {
-            debug!(%peer, timeout = ?handshake, "closing a connection that sent no HTTP/2 handshake in time");
-            token.cancel();
-            return;
-        }
-    }
-    if idle.is_zero() {
-        return;
-    }
+    let mut handshake_by = (!handshake.is_zero()).then(|| state.born + handshake);
     loop {
         let now = Instant::now();
-        let wake = match state.idle_deadline(idle) {
-            Some(at) if at <= now => {
+        if handshake_by.is_some_and(|by| by <= now) {
+            if !state.handshaken.load(Ordering::Acquire) {
+                debug!(%peer, timeout = ?handshake, "closing a connection that sent no HTTP/2 handshake in time");
+                token.cancel();
+                return;
+            }
+            handshake_by = None;
+        }
+        let idle_by = match state.idle_deadline(idle) {
+            _ if idle.is_zero() => None,
+            Some(by) if by <= now => {
                 debug!(%peer, timeout = ?idle, "closing an idle connection");
                 token.cancel();
                 return;
             }
-            Some(at) => at,
+            Some(by) => Some(by),
             // A call is open: look again in a while.
-            None => now + idle,
+            None => Some(now + idle),
         };
+        let Some(wake) = [handshake_by, idle_by].into_iter().flatten().min() else { return };
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep_until(wake.into()) => {}
