@@ -33,9 +33,11 @@ pub struct ProcessorConfig {
     #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 4 * MIB)]
     pub max_message_bytes: usize,
     /// Records worked on at once; a pipeline keeps at most this many calls in
-    /// flight here (it reads it from `Describe`). Above the unit threads so
-    /// that the next record is already waiting when one finishes
-    /// [default: 8 x unit threads].
+    /// flight here (it reads it from `Describe`). Far above the unit threads
+    /// by default so that tiny records keep the threads busy despite the
+    /// round trip; for heavy records, fewer (down to the unit threads) keep
+    /// each record's time from dispatch close to its own work
+    /// [default: 32 x unit threads].
     #[arg(long, env = "FANOUT_SLOTS")]
     pub slots: Option<usize>,
     /// Records allowed to wait for a slot (several pipelines sharing this
@@ -100,7 +102,7 @@ impl ProcessorConfig {
 
     /// Slots and queue, defaults applied.
     pub fn capacity(&self) -> crate::processor::Capacity {
-        let slots = self.slots.unwrap_or(8 * self.unit_threads()).max(1);
+        let slots = self.slots.unwrap_or(32 * self.unit_threads()).max(1);
         crate::processor::Capacity { slots, queue: self.queue.unwrap_or(slots) }
     }
 }

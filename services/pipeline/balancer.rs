@@ -121,8 +121,10 @@ impl Drop for RunQueue {
 impl RunQueue {
     /// Waits for a slot (see the [module docs](self)); `avoid` is the
     /// instance the record just failed on, taken only when no other has
-    /// room. `UNAVAILABLE` at once when every instance is down, or when
-    /// they all go down while it waits.
+    /// room. `UNAVAILABLE` when a round of health probes finds every
+    /// instance down (one is asked for at once when they all look down, so
+    /// one lost connection does not fail a record before a probe has had
+    /// its say).
     pub async fn acquire(&self, avoid: Option<usize>) -> Result<Lease, Error> {
         let b = &self.balancer;
         let rx = {
@@ -134,7 +136,7 @@ impl RunQueue {
                 return Ok(b.lease_locked(i));
             }
             if b.all_down() {
-                return Err(b.none_up());
+                b.probe_soon.notify_one();
             }
             let (tx, rx) = oneshot::channel();
             let queue = sched.queues.entry(self.id).or_default();
@@ -441,12 +443,16 @@ impl Balancer {
         self.dispatch_locked(&mut sched);
     }
 
-    /// After a change of state or slots: hand out what became free, or, when
-    /// every instance is down, fail the waiting attempts (each is then
-    /// retried, or fails, as a transient failure).
-    fn refresh(self: &Arc<Self>) {
+    /// After a change of state or slots: hand out what became free; and,
+    /// after a probe round (`confirmed`) that left every instance down, fail
+    /// the waiting attempts (each is then retried, or fails, as a transient
+    /// failure).
+    fn refresh(self: &Arc<Self>, confirmed: bool) {
         let mut sched = self.sched();
         if self.all_down() {
+            if !confirmed {
+                return;
+            }
             if !sched.queues.is_empty() {
                 warn!(
                     waiting = sched.queues.values().map(VecDeque::len).sum::<usize>(),
@@ -478,7 +484,7 @@ impl Balancer {
         let ep = &self.endpoints[index];
         ep.last_ok.store(self.now_ns(), Ordering::Relaxed);
         if ep.set_state(UP) {
-            self.refresh();
+            self.refresh(false);
         }
     }
 
@@ -486,7 +492,7 @@ impl Balancer {
     /// otherwise, and probe soon.
     fn mark_down(self: &Arc<Self>, index: usize) {
         if self.endpoints[index].set_state(DOWN) {
-            self.refresh();
+            self.refresh(false);
         }
         self.probe_soon.notify_one();
     }
@@ -527,14 +533,16 @@ impl Balancer {
             Err(_) => ep.set_state(DOWN),
         };
         if changed {
-            self.refresh();
+            self.refresh(false);
         }
         result.map(drop)
     }
 
     /// Probes every instance at once.
     pub async fn probe_all(self: &Arc<Self>) -> Vec<Result<(), String>> {
-        futures::future::join_all((0..self.endpoints.len()).map(|i| self.probe(i))).await
+        let results = futures::future::join_all((0..self.endpoints.len()).map(|i| self.probe(i))).await;
+        self.refresh(true);
+        results
     }
 
     /// Succeeds when some instance is usable and answered within the last
@@ -678,9 +686,12 @@ mod tests {
         // With every other choice down, the avoided one is still better than nothing.
         b.endpoints[2].set_state(DOWN);
         assert_eq!(q.acquire(Some(1)).await.unwrap().index, 1);
-        // Every instance down: waiting would be forever, so it fails.
+        // Every instance down: once a probe round confirms it (nothing
+        // listens on these ports), waiting would be forever, so it fails.
         b.mark_down(1);
-        assert_eq!(q.acquire(None).await.unwrap_err().code(), tonic::Code::Unavailable);
+        b.spawn_health_checks(Duration::from_secs(60), CancellationToken::new());
+        let err = tokio::time::timeout(Duration::from_secs(5), q.acquire(None)).await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
     }
 
     #[tokio::test]
@@ -692,7 +703,10 @@ mod tests {
         tokio::pin!(waiting);
         assert!(futures::poll!(waiting.as_mut()).is_pending());
         b.mark_down(0);
-        let err = tokio::time::timeout(Duration::from_secs(1), waiting).await.unwrap().unwrap_err();
+        // A lost connection alone does not fail it: it waits for a probe.
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        b.spawn_health_checks(Duration::from_secs(60), CancellationToken::new());
+        let err = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
         drop(held);
     }
