@@ -10,23 +10,27 @@
 //! - latency: a 1-record run, one after another, vs a bare unary call.
 //! - scale: one run of 100,000 records; the pipeline runs in a child process
 //!   so its peak RSS can be read from /proc.
+//! - many-runs: 200 concurrent runs of 500 records (pipeline in a child
+//!   process), vs one run of the same 100,000 records over the same fleet:
+//!   what isolation between runs costs.
 
 use crate::input::generated_records;
 use crate::session;
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, ValueEnum};
 use fanout::config::{PipelineConfig, ProcessorConfig};
-use fanout::convert::{json_to_struct, struct_to_json};
+use fanout::convert::{code_name, json_to_struct, struct_to_json};
 use fanout::domain::JsonMap;
 use fanout::pipeline::balancer::PROCESSOR_SERVICE;
 use fanout::proto::record_processor_client::RecordProcessorClient;
 use fanout::proto::record_processor_server::{RecordProcessor, RecordProcessorServer};
-use fanout::proto::{self, pipeline_client::PipelineClient};
+use fanout::proto::{self, pipeline_client::PipelineClient, run_event::Event};
 use fanout::server::{self, Running};
 use fanout::workload::Digest;
 use fanout::workload::digest::{default_unit_count, unit_value};
 use futures::StreamExt;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -45,13 +49,20 @@ pub enum Scenario {
     Latency,
     /// 100,000 records in one run: rate and the pipeline's peak memory.
     Scale,
+    /// Many concurrent runs vs one run of as many records in all.
+    ManyRuns,
 }
 
 /// Flags of `fanout bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Scenarios to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "efficiency,overhead,latency,scale")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "efficiency,overhead,latency,scale,many-runs"
+    )]
     scenarios: Vec<Scenario>,
     /// efficiency: seconds one thread needs for all units (sets `rounds`).
     #[arg(long, default_value_t = 5.0)]
@@ -71,9 +82,15 @@ pub struct BenchArgs {
     /// scale: records in the one run.
     #[arg(long, default_value_t = 100_000)]
     scale_records: usize,
-    /// Repetitions of each measurement (efficiency, overhead, latency); each
-    /// figure is the median, each ratio the median of ratios taken against
-    /// the baseline measured just before it.
+    /// many-runs: runs started at once, each on its own connection.
+    #[arg(long, default_value_t = 200)]
+    many_runs: usize,
+    /// many-runs: records in each of those runs.
+    #[arg(long, default_value_t = 500)]
+    many_runs_records: usize,
+    /// Repetitions of each measurement (efficiency, overhead, latency,
+    /// many-runs); each figure is the median, each ratio the median of ratios
+    /// taken against the baseline measured just before it.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Also write the figures as JSON to this file.
@@ -189,6 +206,7 @@ pub async fn bench(args: BenchArgs) -> Result<i32> {
             Scenario::Overhead => overhead(&args, &mut table).await?,
             Scenario::Latency => latency(&args, &mut table).await?,
             Scenario::Scale => scale(&args, &mut table).await?,
+            Scenario::ManyRuns => many_runs(&args, &mut table).await?,
         }
     }
     println!();
@@ -226,7 +244,11 @@ impl RecordProcessor for Noop {
     ) -> Result<tonic::Response<proto::DescribeResponse>, tonic::Status> {
         // As many slots as the bench keeps calls in flight: the no-op server
         // stands for a fleet with no capacity limit.
-        Ok(tonic::Response::new(proto::DescribeResponse { name: "noop".into(), slots: 4096, ..Default::default() }))
+        Ok(tonic::Response::new(proto::DescribeResponse {
+            name: "noop".into(),
+            slots: 4096,
+            ..Default::default()
+        }))
     }
 }
 
@@ -616,34 +638,54 @@ fn peak_rss_mib(pid: u32) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
+/// A pipeline in a child process (this binary, hidden subcommand), so that
+/// its own peak memory can be read; killed on drop.
+struct PipelineChild {
+    child: ChildGuard,
+    addr: String,
+}
+
+impl PipelineChild {
+    /// Starts a pipeline over `processors` accepting runs of up to
+    /// `max_records`, and waits for its startup line.
+    async fn spawn(processors: &[Running], max_records: usize) -> Result<Self> {
+        let urls: Vec<String> = processors.iter().map(Running::url).collect();
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .args(["serve-pipeline", "--listen", "127.0.0.1:0", "--max-records", &max_records.to_string()])
+            .args(["--processors", &urls.join(",")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the pipeline child")?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let child = ChildGuard(child);
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        })
+        .await??;
+        let addr =
+            line.trim().rsplit(' ').next().context("no address in the child's startup line")?.to_owned();
+        ensure!(line.contains("listening on"), "unexpected startup line from the pipeline child: {line:?}");
+        Ok(Self { child, addr })
+    }
+
+    /// Its peak RSS so far, in MiB.
+    fn peak_rss_mib(&self) -> Result<f64> {
+        peak_rss_mib(self.child.0.id())
+    }
+}
+
 async fn scale(args: &BenchArgs, table: &mut Table) -> Result<()> {
     let n = args.scale_records;
     let processors = start_processors(1).await?;
-    // The pipeline runs in a child process (this binary, hidden subcommand)
-    // so that its own peak memory can be read.
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args(["serve-pipeline", "--listen", "127.0.0.1:0", "--max-records", &n.to_string(), "--processors"])
-        .arg(processors[0].url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting the pipeline child")?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let child = ChildGuard(child);
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map(|_| line)
-    })
-    .await??;
-    let addr = line.trim().rsplit(' ').next().context("no address in the child's startup line")?.to_owned();
-    ensure!(line.contains("listening on"), "unexpected startup line from the pipeline child: {line:?}");
-    let pid = child.0.id();
-    let idle = peak_rss_mib(pid)?;
-    let mut client = session::connect(&addr).await?;
+    let child = PipelineChild::spawn(&processors, n).await?;
+    let idle = child.peak_rss_mib()?;
+    let mut client = session::connect(&child.addr).await?;
     let req = request(one_unit_records(n), 0, proto::UnitMode::Parallel, 0, true);
     let (report, wall) = timed_run(&mut client, req).await?;
-    let peak = peak_rss_mib(pid)?;
+    let peak = child.peak_rss_mib()?;
     drop(child);
     for p in processors {
         p.shutdown().await?;
@@ -659,5 +701,198 @@ async fn scale(args: &BenchArgs, table: &mut Table) -> Result<()> {
     table.add("scale", "pipeline peak RSS before the run", idle, "MiB");
     table.add("scale", "pipeline peak RSS (an absolute bound, no baseline)", peak, "MiB");
     table.target("<= 256 MiB", peak <= 256.0);
+    Ok(())
+}
+
+// -------------------------------------------------------------- many-runs
+
+/// The longest one batch of concurrent runs (or its one-run baseline) may
+/// take before the scenario gives up.
+const MANY_RUNS_BOUND: Duration = Duration::from_secs(600);
+
+/// How one run ended, as its client saw it.
+#[derive(Debug, Default)]
+struct RunTally {
+    /// The pipeline took the call (it did not answer with an error status).
+    accepted: bool,
+    /// The report said `SUCCEEDED`.
+    succeeded: bool,
+    records_succeeded: u64,
+    /// Failed records, refused runs and broken streams, by code: how many,
+    /// and the first message.
+    failures: BTreeMap<String, (u64, String)>,
+}
+
+impl RunTally {
+    fn note(&mut self, code: &str, message: &str) {
+        self.failures.entry(code.to_owned()).or_insert_with(|| (0, message.to_owned())).0 += 1;
+    }
+}
+
+/// Runs `req` to its report without failing on a refused run, a failed
+/// record or a broken stream: each is counted instead.
+async fn tally_run(mut client: PipelineClient<Channel>, req: proto::RunRequest) -> RunTally {
+    let mut tally = RunTally::default();
+    let mut stream = match client.run(req).await {
+        Ok(response) => response.into_inner(),
+        Err(s) => {
+            tally.note(&format!("run refused: {}", code_name(s.code())), s.message());
+            return tally;
+        }
+    };
+    tally.accepted = true;
+    loop {
+        match stream.message().await {
+            Ok(Some(event)) => match event.event {
+                Some(Event::Record(r)) if r.status() == proto::RecordStatus::Succeeded => {
+                    tally.records_succeeded += 1;
+                }
+                Some(Event::Record(r)) => {
+                    let e = r.error.unwrap_or_default();
+                    tally.note(&e.code_name, &e.message);
+                }
+                Some(Event::Report(r)) => {
+                    tally.succeeded = r.status() == proto::RunStatus::Succeeded;
+                    return tally;
+                }
+                Some(Event::Started(_)) | None => {}
+            },
+            Ok(None) => {
+                tally.note("stream ended before the report", "");
+                return tally;
+            }
+            Err(s) => {
+                tally.note(&format!("stream broken: {}", code_name(s.code())), s.message());
+                return tally;
+            }
+        }
+    }
+}
+
+/// Starts `runs` runs of `records` generated records (`rounds = 1`, default
+/// options) at once, each on its own connection to `addr`, and follows them
+/// all to their reports. Returns each run's tally and the wall time from the
+/// first call to the last report.
+async fn concurrent_runs(addr: &str, runs: usize, records: usize) -> Result<(Vec<RunTally>, Duration)> {
+    let mut calls = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let req = request(generated_records(records), 1, proto::UnitMode::Parallel, 0, false);
+        calls.push((session::connect(addr).await?, req));
+    }
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (client, req) in calls {
+        set.spawn(tally_run(client, req));
+    }
+    let mut tallies = Vec::with_capacity(runs);
+    // Dropping the set on timeout aborts the runs still going.
+    tokio::time::timeout(MANY_RUNS_BOUND, async {
+        while let Some(tally) = set.join_next().await {
+            tallies.push(tally?);
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("{runs} runs of {records} records did not finish in {MANY_RUNS_BOUND:?}"))??;
+    Ok((tallies, t.elapsed()))
+}
+
+async fn many_runs(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let (runs, per_run) = (args.many_runs.max(1), args.many_runs_records.max(1));
+    let total = runs * per_run;
+    // Two processors of one unit thread each: a small fleet that 200 runs'
+    // worth of default max_in_flight (64 each) would swamp many times over.
+    let mut processors = Vec::new();
+    for _ in 0..2 {
+        let cfg = ProcessorConfig {
+            listen: "127.0.0.1:0".into(),
+            unit_threads: Some(1),
+            ..ProcessorConfig::default()
+        };
+        processors.push(server::start_processor(&cfg, Digest::default()).await?.0);
+    }
+    // Two pipelines over the same processors, each in its own child process:
+    // one takes the concurrent runs, the other the one-run baseline, so that
+    // each one's peak RSS is its own.
+    let many = PipelineChild::spawn(&processors, per_run).await?;
+    let one = PipelineChild::spawn(&processors, total).await?;
+    for child in [&many, &one] {
+        // Warm-up: connections, and the pipeline's first look at its fleet.
+        let (tallies, _) = concurrent_runs(&child.addr, 1, 100).await?;
+        ensure!(tallies.iter().all(|t| t.succeeded), "warm-up run failed: {tallies:?}");
+    }
+    let idle = many.peak_rss_mib()?;
+    let (mut rates, mut baselines, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fewest_accepted, mut fewest_succeeded, mut failed) = (runs, runs, 0u64);
+    let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for _ in 0..args.repeat.max(1) {
+        // The baseline runs right before each batch: a paired ratio.
+        let (one_tally, one_wall) = concurrent_runs(&one.addr, 1, total).await?;
+        let one_succeeded = one_tally.iter().map(|t| t.records_succeeded).sum::<u64>();
+        let (tallies, wall) = concurrent_runs(&many.addr, runs, per_run).await?;
+        let succeeded = tallies.iter().map(|t| t.records_succeeded).sum::<u64>();
+        eprintln!(
+            "  one run: {one_succeeded}/{total} records in {:.3} s; {runs} runs: {succeeded}/{total} in {:.3} s",
+            one_wall.as_secs_f64(),
+            wall.as_secs_f64()
+        );
+        fewest_accepted = fewest_accepted.min(tallies.iter().filter(|t| t.accepted).count());
+        fewest_succeeded = fewest_succeeded.min(tallies.iter().filter(|t| t.succeeded).count());
+        failed += total as u64 - succeeded;
+        for (code, (n, message)) in tallies.iter().flat_map(|t| &t.failures) {
+            failures.entry(code.clone()).or_insert_with(|| (0, message.clone())).0 += n;
+        }
+        // Succeeded records only: failing fast must not look like speed.
+        let rate = succeeded as f64 / wall.as_secs_f64();
+        let baseline = one_succeeded as f64 / one_wall.as_secs_f64();
+        rates.push(rate);
+        baselines.push(baseline);
+        ratios.push(rate / baseline);
+    }
+    let (peak_many, peak_one) = (many.peak_rss_mib()?, one.peak_rss_mib()?);
+    drop((many, one));
+    for p in processors {
+        p.shutdown().await?;
+    }
+    let mut top: Vec<_> = failures.into_iter().collect();
+    top.sort_by_key(|(_, (n, _))| std::cmp::Reverse(*n));
+    for (code, (n, message)) in top.iter().take(3) {
+        eprintln!("  failed: {n} x {code}: {message}");
+    }
+    let reps = args.repeat.max(1);
+    table.add(
+        "many-runs",
+        format!("{runs} runs x {per_run} records: accepted (fewest)"),
+        fewest_accepted as f64,
+        "runs",
+    );
+    table.target(&format!("all {runs}"), fewest_accepted == runs);
+    table.add("many-runs", "runs SUCCEEDED (fewest of the repetitions)", fewest_succeeded as f64, "runs");
+    table.target(&format!("all {runs}"), fewest_succeeded == runs);
+    table.add(
+        "many-runs",
+        format!("records failed or unreported ({reps} x {total})"),
+        failed as f64,
+        "records",
+    );
+    table.target("0", failed == 0);
+    table.compare(
+        "many-runs",
+        format!("{runs} concurrent runs (baseline: 1 run of {total})"),
+        median(&mut rates),
+        median(&mut baselines.clone()),
+        "records/s",
+        &mut ratios,
+        |_| None,
+    );
+    table.add(
+        "many-runs",
+        format!("baseline: one run of {total} records"),
+        median(&mut baselines),
+        "records/s",
+    );
+    table.add("many-runs", "pipeline peak RSS before the runs", idle, "MiB");
+    table.add("many-runs", format!("pipeline peak RSS, {runs} concurrent runs"), peak_many, "MiB");
+    table.add("many-runs", format!("pipeline peak RSS, one run of {total} records"), peak_one, "MiB");
     Ok(())
 }
