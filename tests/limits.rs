@@ -11,13 +11,6 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-fn assert_status(status: &tonic::Status, code: Code, needles: &[&str]) {
-    assert_eq!(status.code(), code, "{status:?}");
-    for n in needles {
-        assert!(status.message().contains(n), "{n:?} in {:?}", status.message());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_attempt_stops_its_running_units() {
     // Rounds far past any record timeout, allowed by this processor.

@@ -32,13 +32,6 @@ fn assert_response(resp: &proto::ProcessRecordResponse, id: &str, want: &Expecte
     assert!(resp.elapsed.is_some());
 }
 
-fn assert_status(status: &tonic::Status, code: Code, needles: &[&str]) {
-    assert_eq!(status.code(), code, "{status:?}");
-    for n in needles {
-        assert!(status.message().contains(n), "message {:?} must contain {n:?}", status.message());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_record_outputs_match_in_both_modes() {
     let mut cfg = processor_config();

@@ -114,6 +114,14 @@ pub fn assert_oversize_refused(status: &tonic::Status) {
     }
 }
 
+/// Asserts a status's code, and that its message contains each of `needles`.
+pub fn assert_status(status: &tonic::Status, code: tonic::Code, needles: &[&str]) {
+    assert_eq!(status.code(), code, "{status:?}");
+    for n in needles {
+        assert!(status.message().contains(n), "message {:?} must contain {n:?}", status.message());
+    }
+}
+
 /// Polls `cond` (a counter, a flag) until it holds; panics after [`WAIT`].
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let poll = async {
