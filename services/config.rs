@@ -137,7 +137,7 @@ pub struct PipelineConfig {
     #[arg(long, env = "FANOUT_BACKOFF_MAX", default_value = "2s", value_parser = humantime::parse_duration)]
     pub backoff_max: Duration,
     /// Largest `Run` request accepted, in bytes (bigger is rejected before decoding).
-    #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 32 * MIB)]
+    #[arg(long, env = "FANOUT_MAX_MESSAGE_BYTES", default_value_t = 8 * MIB)]
     pub max_message_bytes: usize,
     /// Most runs in progress at once; one more is refused with
     /// RESOURCE_EXHAUSTED naming this flag.

@@ -158,7 +158,7 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
     let service = proto::pipeline_server::PipelineServer::new(pipeline)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(crate::convert::MAX_EVENT_BYTES);
-    let service = admission.budgeted(service);
+    let service = admission.budgeted(service, cfg.max_message_bytes);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PIPELINE_SERVICE, ServingStatus::Serving).await;
     let router = base_routes(PIPELINE_SERVICE, health)?.add_service(service);

@@ -90,7 +90,7 @@ async fn a_request_over_the_run_memory_budget_is_refused_before_it_is_decoded() 
     cfg.run_memory_budget = 256 * 1024;
     let pipeline = fanout::server::start_pipeline(&cfg).await.unwrap();
     let mut client = pipeline_client(&pipeline.url()).await;
-    // ~60 KB on the wire: over the budget once each byte counts 17 while decoding.
+    // ~60 KB on the wire: over the budget once each byte counts 64 while decoding.
     let big = run_request((0..2000).map(|i| record(&format!("record-{i:06}-padding-padding"))).collect());
     let refused = client.run(big).await.unwrap_err();
     assert_status(&refused, Code::ResourceExhausted, &["--run-memory-budget"]);
