@@ -45,6 +45,12 @@ pub struct ProcessorConfig {
     /// RESOURCE_EXHAUSTED marked not started [default: the slots].
     #[arg(long, env = "FANOUT_QUEUE")]
     pub queue: Option<usize>,
+    /// Bytes that requests being decoded and worked on may hold in all (64
+    /// per byte of each request: what prost's decoding can take); a request
+    /// that does not fit is refused with RESOURCE_EXHAUSTED marked not
+    /// started.
+    #[arg(long, env = "FANOUT_MEMORY_BUDGET", default_value_t = 1024 * MIB)]
+    pub memory_budget: usize,
     /// Largest `params.rounds` the digest workload accepts (more is
     /// INVALID_ARGUMENT naming this flag).
     #[arg(long, env = "FANOUT_MAX_ROUNDS", default_value_t = crate::workload::digest::DEFAULT_MAX_ROUNDS)]
@@ -90,6 +96,7 @@ impl ProcessorConfig {
     /// Checks the settings that must be non-zero.
     pub fn validate(&self) -> Result<(), Error> {
         at_least_one(self.max_units_per_record as u64, "--max-units-per-record")?;
+        at_least_one(self.memory_budget as u64, "--memory-budget")?;
         at_least_one(self.max_message_bytes as u64, "--max-message-bytes")
     }
 

@@ -27,6 +27,8 @@
 //!   ([`pipeline::retry`]), the report ([`pipeline::report`]), run
 //!   admission and the memory budget ([`pipeline::admission`]), the
 //!   pre-encoded processor call ([`pipeline::wire`]).
+//! - [`budget`]: the memory budget requests take, from their first bytes,
+//!   for what decoding them can cost (both servers).
 //! - [`config`]: command-line flags and env vars of both servers.
 //! - [`server`]: serving: health (the pipeline's follows its processors),
 //!   reflection, listen, graceful shutdown.
@@ -36,6 +38,7 @@
 
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod config;
 pub mod convert;
 pub mod domain;

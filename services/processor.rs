@@ -3,6 +3,7 @@
 //! [`Engine`], converts the result back; and `Describe`, which tells a
 //! pipeline how many records the instance takes at once.
 
+use crate::budget::HeldBudget;
 use crate::convert;
 use crate::engine::Engine;
 use crate::proto;
@@ -120,6 +121,9 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
         &self,
         request: Request<proto::ProcessRecordRequest>,
     ) -> Result<Response<proto::ProcessRecordResponse>, Status> {
+        // What decoding this request took of the memory budget stays taken
+        // while the record waits and is worked on.
+        let _budget = request.extensions().get::<HeldBudget>().and_then(HeldBudget::take);
         let _slot = self.admission.admit().await?;
         let task = convert::record_task_from_proto(request.into_inner())?;
         let record_id = task.record.id.clone();

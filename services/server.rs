@@ -7,6 +7,7 @@
 //! `CANCELLED`) and close, with a last bound so a stuck stream cannot hold
 //! the process.
 
+use crate::budget::MemoryBudget;
 use crate::config::{ConnectionLimits, PipelineConfig, ProcessorConfig};
 use crate::engine::{Engine, EngineStats};
 use crate::error::Error;
@@ -126,6 +127,8 @@ pub async fn start_processor<W: Workload>(
     let service = proto::record_processor_server::RecordProcessorServer::new(service)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
+    let service =
+        MemoryBudget::new(cfg.memory_budget, "--memory-budget").wrap(service, cfg.max_message_bytes);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PROCESSOR_SERVICE, ServingStatus::Serving).await;
     let router = base_routes(PROCESSOR_SERVICE, health)?.add_service(service);
@@ -158,7 +161,7 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
     let service = proto::pipeline_server::PipelineServer::new(pipeline)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(crate::convert::MAX_EVENT_BYTES);
-    let service = admission.budgeted(service, cfg.max_message_bytes);
+    let service = admission.memory().wrap(service, cfg.max_message_bytes);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PIPELINE_SERVICE, ServingStatus::Serving).await;
     let router = base_routes(PIPELINE_SERVICE, health)?.add_service(service);

@@ -202,3 +202,30 @@ async fn a_run_is_not_accepted_on_stale_health() {
     };
     assert_status(&status, Code::Unavailable, &[&p.url.replace("http://", "")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_keeps_what_a_record_takes_of_its_memory_budget_until_it_is_done() {
+    let script = std::sync::Arc::new(Script::new());
+    let gate = Gate::closed();
+    let _open = gate.open_on_drop();
+    let mut cfg = processor_config();
+    // One ~700-byte record takes ~45 KB (64 per byte): room for one at a time.
+    cfg.memory_budget = 64 * 1024;
+    let p = start_processor_with(&cfg, TestWorkload::new("A", &script).gated(&gate)).await;
+    let client = processor_client(&p.url).await;
+    let call = |id: &str| {
+        let mut c = client.clone();
+        let padded = record_with(id, json!({ "units": 1, "pad": "p".repeat(600) }));
+        let req = process_request(padded, proto::UnitMode::Parallel);
+        tokio::spawn(async move { c.process_record(req).await })
+    };
+    let first = call("first");
+    wait_until("the first record to start", || get(&p.stats.records_started) == 1).await;
+    let refused = call("second").await.unwrap().unwrap_err();
+    assert_status(&refused, Code::ResourceExhausted, &["--memory-budget", "not started"]);
+    assert!(fanout::processor::is_not_started(&refused), "a pipeline sends it again without an attempt");
+    gate.open();
+    assert!(first.await.unwrap().is_ok());
+    // Done with the first: its budget is back.
+    assert!(call("second").await.unwrap().is_ok());
+}

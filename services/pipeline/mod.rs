@@ -101,10 +101,13 @@ impl proto::pipeline_server::Pipeline for PipelineService {
     type RunStream = RunStream;
 
     async fn run(&self, request: Request<proto::RunRequest>) -> Result<Response<RunStream>, Status> {
-        let request = request.into_inner();
+        // The request's share of the memory budget (taken while it was
+        // decoded) is held until it is converted to its compact form below.
+        let (_, decoding_budget, request) = request.into_parts();
         let summary_only = request.options.as_ref().is_some_and(|o| o.summary_only);
         let cost = admission::run_cost(request.encoded_len(), request.records.len(), summary_only);
         let spec = convert::run_spec_from_proto(request, &self.limits)?;
+        drop(decoding_budget);
         let permit = self.admission.admit(cost)?;
         self.balancer.ensure_ready().await?;
         let client_gone = CancellationToken::new();
