@@ -23,13 +23,18 @@ pub async fn connect(url: &str) -> Result<PipelineClient<Channel>> {
 }
 
 /// Runs `request` and follows its events to the report. Shows a progress
-/// bar on stderr when `progress` is set and stderr is a terminal.
+/// bar on stderr when `progress` is set and stderr is a terminal. When the
+/// pipeline left the per-record results out of the report (it would not
+/// have fit in one 4 MiB message), they are put back from the `record`
+/// events, in input order, so the report is whole either way.
 pub async fn run(
     client: &mut PipelineClient<Channel>,
     request: proto::RunRequest,
     progress: bool,
 ) -> Result<proto::RunReport> {
     let total = request.records.len() as u64;
+    let keep = !request.options.as_ref().is_some_and(|o| o.summary_only);
+    let mut results = Vec::new();
     let mut stream = client
         .run(request)
         .await
@@ -53,12 +58,21 @@ pub async fn run(
                     bar.set_message(format!("{failed} failed"));
                 }
                 bar.inc(1);
+                if keep {
+                    results.push(r);
+                }
             }
             Some(Event::Report(r)) => break r,
             None => bail!("the pipeline sent an empty event"),
         }
     };
     bar.finish_and_clear();
+    let mut report = report;
+    if report.results_omitted {
+        results.sort_by_key(|r| r.index);
+        report.results = results;
+        report.results_omitted = false;
+    }
     Ok(report)
 }
 
