@@ -1,6 +1,6 @@
 //! The real binaries: two `fanout-processor`s and a `fanout-pipeline` on
-//! ephemeral ports, a processor SIGKILLed mid-run, and SIGTERM draining the
-//! pipeline.
+//! ephemeral ports, a processor SIGKILLed or SIGSTOPped mid-run, and SIGTERM
+//! draining the pipeline.
 
 mod common;
 
@@ -162,6 +162,72 @@ async fn a_processor_killed_mid_run_loses_no_record() {
     let got = run_ok(&mut client, run_request(records(5))).await;
     assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
     assert!(got.records.iter().all(|r| r.processor == a_url));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_frozen_mid_run_loses_no_record() {
+    let a = processor();
+    let b = processor();
+    let (a_url, b_url) = (a.url(), b.url());
+    let pipeline = pipeline(&[a_url.clone(), b_url.clone()], "5s");
+    let mut client = pipeline_client(&pipeline.url()).await;
+
+    const N: usize = 40;
+    let ids = ids(N);
+    let mut req = run_request(records(N));
+    req.params = Some(rounds(100));
+    // A frozen instance holds its calls until their timeout: keep it short.
+    req.options = Some(RunOptions {
+        max_in_flight: 8,
+        record_timeout: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        ..Default::default()
+    });
+    let signal = |sig: &str, server: &Server| {
+        let ok = Command::new("kill").args([sig, &server.pid()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {}", server.pid());
+    };
+    let collect = async {
+        let mut stream = client.run(req).await.expect("Run").into_inner();
+        let first = stream.message().await.unwrap().expect("started");
+        let Some(Event::Started(started)) = first.event else { panic!("first event: {first:?}") };
+        let mut records = Vec::new();
+        let mut frozen = false;
+        let report = loop {
+            match stream.message().await.expect("stream").expect("report").event.unwrap() {
+                Event::Record(r) => records.push(r),
+                Event::Report(r) => break r,
+                Event::Started(_) => panic!("second started"),
+            }
+            // Mid-run: SIGSTOP processor B, which then neither answers nor
+            // closes its connections.
+            if records.len() == 3 && !frozen {
+                signal("-STOP", &b);
+                frozen = true;
+            }
+        };
+        assert!(frozen, "B was frozen before the run ended");
+        Collected { started, records, report }
+    };
+    let got = tokio::time::timeout(WAIT, collect).await.expect("run timed out");
+    got.assert_exactly_once(&ids);
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "every record succeeds: {:#?}", got.failures());
+    for r in &got.records {
+        if r.attempts >= 2 {
+            assert_eq!(r.processor, a_url, "{}: retried onto the live processor", r.record_id);
+        }
+    }
+    // The pipeline keeps working while B stays frozen (a record sent to B
+    // before a probe has found it frozen is retried on A after its timeout).
+    let mut req = run_request(records(5));
+    req.options = Some(RunOptions {
+        record_timeout: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        ..Default::default()
+    });
+    let got = run_ok(&mut client, req).await;
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
+    assert!(got.records.iter().all(|r| r.processor == a_url), "every record ends on the live instance");
+    signal("-CONT", &b);
+    drop(b_url);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
