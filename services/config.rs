@@ -125,13 +125,27 @@ pub struct PipelineConfig {
     /// Address to listen on; port 0 picks a free one (the startup line shows it).
     #[arg(long, env = "FANOUT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
-    /// Processor endpoints, comma-separated (`http://host:port` or `host:port`).
+    /// Processors, comma-separated: `http://HOST:PORT` (or `HOST:PORT`), or
+    /// `dns:///NAME:PORT`. Every address of a name is an instance (a
+    /// Kubernetes headless Service), looked up again every
+    /// --resolve-interval.
     #[arg(long, env = "FANOUT_PROCESSORS", value_delimiter = ',', required = true)]
     pub processors: Vec<String>,
+    /// How often processor names are looked up again (also within a second
+    /// of a transport failure).
+    #[arg(long, env = "FANOUT_RESOLVE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub resolve_interval: Duration,
+    /// HTTP/2 keepalive pings to processors, every this often [default: off].
+    /// Lost processors are found by health probes instead: grpc-go servers
+    /// and Envoy answer pings more often than every 5 minutes with GOAWAY.
+    #[arg(long, env = "FANOUT_HTTP2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Option<Duration>,
     /// Per-run limits and defaults.
     #[command(flatten)]
     pub limits: RunLimits,
-    /// Time allowed to open a connection to a processor.
+    /// Time allowed to open a connection to a processor, and for a health
+    /// probe's answer: an instance that gives none in this time is lost, and
+    /// its in-flight records are retried elsewhere.
     #[arg(long, env = "FANOUT_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
     /// How often each processor's health is checked.
@@ -190,6 +204,12 @@ impl PipelineConfig {
         at_least_one(self.max_message_bytes as u64, "--max-message-bytes")?;
         at_least_one(self.max_concurrent_runs as u64, "--max-concurrent-runs")?;
         at_least_one(self.run_memory_budget as u64, "--run-memory-budget")?;
+        if self.resolve_interval.is_zero() || self.health_interval.is_zero() || self.connect_timeout.is_zero()
+        {
+            return Err(Error::Config(
+                "--resolve-interval, --health-interval and --connect-timeout must be positive".into(),
+            ));
+        }
         if self.stalled_client_timeout.is_zero() {
             return Err(Error::Config("--stalled-client-timeout must be positive".into()));
         }

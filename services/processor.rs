@@ -11,6 +11,7 @@ use crate::workload::Workload;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 /// Response metadata key marking a refusal as "the record was not started":
@@ -62,14 +63,12 @@ impl Admission {
     /// The refusal: `RESOURCE_EXHAUSTED`, marked not started, with a
     /// pushback hint.
     fn full(&self) -> Status {
-        let mut status = Status::resource_exhausted(format!(
+        let mut status = not_started(Status::resource_exhausted(format!(
             "processor at capacity: {} records in progress and {} waiting (set by --slots and --queue); \
              the record was not started",
             self.capacity.slots, self.capacity.queue
-        ));
-        let md = status.metadata_mut();
-        md.insert(NOT_STARTED_KEY, "true".parse().expect("ascii"));
-        md.insert("grpc-retry-pushback-ms", "10".parse().expect("ascii"));
+        )));
+        status.metadata_mut().insert("grpc-retry-pushback-ms", "10".parse().expect("ascii"));
         status
     }
 }
@@ -82,10 +81,16 @@ impl Drop for LeaveQueue<'_> {
     }
 }
 
-/// Whether a failed call's status is a processor's "not started" refusal.
+/// Whether a failed call's status is a processor's "not started" refusal
+/// (full: `RESOURCE_EXHAUSTED`; shutting down: `UNAVAILABLE`).
 pub fn is_not_started(status: &Status) -> bool {
-    status.code() == tonic::Code::ResourceExhausted
-        && status.metadata().get(NOT_STARTED_KEY).is_some_and(|v| v.as_bytes() == b"true")
+    status.metadata().get(NOT_STARTED_KEY).is_some_and(|v| v.as_bytes() == b"true")
+}
+
+/// `status` marked not started.
+fn not_started(mut status: Status) -> Status {
+    status.metadata_mut().insert(NOT_STARTED_KEY, "true".parse().expect("ascii"));
+    status
 }
 
 /// What `Describe` answers besides the engine's own figures.
@@ -106,12 +111,20 @@ pub struct ProcessorService<W> {
     engine: Arc<Engine<W>>,
     admission: Admission,
     description: Description,
+    draining: CancellationToken,
 }
 
 impl<W: Workload> ProcessorService<W> {
-    /// A service over `engine` admitting records as `capacity` allows.
-    pub fn new(engine: Arc<Engine<W>>, capacity: Capacity, description: Description) -> Self {
-        Self { engine, admission: Admission::new(capacity), description }
+    /// A service over `engine` admitting records as `capacity` allows. Once
+    /// `draining` is cancelled (shutdown began) it refuses new records as
+    /// not started, and finishes those it has.
+    pub fn new(
+        engine: Arc<Engine<W>>,
+        capacity: Capacity,
+        description: Description,
+        draining: CancellationToken,
+    ) -> Self {
+        Self { engine, admission: Admission::new(capacity), description, draining }
     }
 }
 
@@ -124,6 +137,13 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
         // What decoding this request took of the memory budget stays taken
         // while the record waits and is worked on.
         let _budget = request.extensions().get::<HeldBudget>().and_then(HeldBudget::take);
+        if self.draining.is_cancelled() {
+            // A pipeline sends it elsewhere, without counting an attempt.
+            return Err(not_started(Status::unavailable(format!(
+                "processor {} is shutting down: the record was not started",
+                self.description.name
+            ))));
+        }
         let _slot = self.admission.admit().await?;
         let task = convert::record_task_from_proto(request.into_inner())?;
         let record_id = task.record.id.clone();

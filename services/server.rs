@@ -15,6 +15,7 @@ use crate::listener::{Incoming, TrackCallsLayer};
 use crate::pipeline::PipelineService;
 use crate::pipeline::admission::Admission;
 use crate::pipeline::balancer::{Balancer, PROCESSOR_SERVICE};
+use crate::pipeline::discovery::{Resolve, SystemResolver};
 use crate::processor::{Description, ProcessorService};
 use crate::proto;
 use crate::workload::Workload;
@@ -123,7 +124,9 @@ pub async fn start_processor<W: Workload>(
         max_units_per_record: cfg.max_units_per_record,
         max_message_bytes: cfg.max_message_bytes,
     };
-    let service = ProcessorService::new(engine, cfg.capacity(), description);
+    // Set when shutdown begins: new records are then refused as not started.
+    let draining = CancellationToken::new();
+    let service = ProcessorService::new(engine, cfg.capacity(), description, draining.clone());
     let service = proto::record_processor_server::RecordProcessorServer::new(service)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
@@ -132,29 +135,41 @@ pub async fn start_processor<W: Workload>(
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PROCESSOR_SERVICE, ServingStatus::Serving).await;
     let router = base_routes(PROCESSOR_SERVICE, health)?.add_service(service);
-    Ok((
-        spawn(
-            router,
-            cfg.max_message_bytes,
-            &cfg.connections,
-            listener,
-            addr,
-            reporter,
-            PROCESSOR_SERVICE,
-            cfg.drain_timeout,
-            None,
-        ),
-        stats,
-    ))
+    let running = spawn(
+        router,
+        cfg.max_message_bytes,
+        &cfg.connections,
+        listener,
+        addr,
+        reporter,
+        PROCESSOR_SERVICE,
+        cfg.drain_timeout,
+        None,
+    );
+    let stop = running.stop_token();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        draining.cancel();
+    });
+    Ok((running, stats))
 }
 
 /// Starts a `Pipeline` over `cfg.processors` on `cfg.listen`.
 pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
+    start_pipeline_with_resolver(cfg, Arc::new(SystemResolver)).await
+}
+
+/// [`start_pipeline`], looking processor names up through `resolver`
+/// (tests drive the fleet's membership with one).
+pub async fn start_pipeline_with_resolver(
+    cfg: &PipelineConfig,
+    resolver: Arc<dyn Resolve>,
+) -> Result<Running, Error> {
     cfg.validate()?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let cancel_runs = CancellationToken::new();
-    let pipeline = PipelineService::new(cfg, cancel_runs.clone())?;
+    let pipeline = PipelineService::with_resolver(cfg, cancel_runs.clone(), resolver)?;
     let balancer = pipeline.balancer().clone();
     let admission = pipeline.admission().clone();
     info!(%addr, processors = ?cfg.processors, "fanout-pipeline listening");
@@ -163,7 +178,8 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
         .max_encoding_message_size(crate::convert::MAX_EVENT_BYTES);
     let service = admission.memory().wrap(service, cfg.max_message_bytes);
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status(PIPELINE_SERVICE, ServingStatus::Serving).await;
+    // Ready only once a processor has answered a probe (see follow_processors).
+    reporter.set_service_status(PIPELINE_SERVICE, ServingStatus::NotServing).await;
     let router = base_routes(PIPELINE_SERVICE, health)?.add_service(service);
     let mut running = spawn(
         router,
@@ -177,38 +193,35 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Running, Error> {
         Some(cancel_runs),
     );
     running.admission = Some(admission);
-    follow_processors(balancer, reporter, cfg.health_interval, running.stop_token());
+    follow_processors(balancer, reporter, running.stop_token());
     Ok(running)
 }
 
-/// Keeps the pipeline's health `NOT_SERVING` while every processor is down
-/// (a load balancer should send runs to another pipeline) and `SERVING`
-/// otherwise. Stops when shutdown starts, which sets `NOT_SERVING` for good.
-fn follow_processors(
-    balancer: Arc<Balancer>,
-    reporter: HealthReporter,
-    every: Duration,
-    stop: CancellationToken,
-) {
+/// The pipeline's readiness: `fanout.v1.Pipeline` is `SERVING` while some
+/// processor is up and described (from its first successful probe on), and
+/// `NOT_SERVING` while none is, so a load balancer sends runs to another
+/// pipeline. The overall status (`""`) stays `SERVING` while the process
+/// lives, for liveness probes: a processor outage must not get pipelines
+/// restarted. Stops when shutdown starts, which sets both `NOT_SERVING`.
+fn follow_processors(balancer: Arc<Balancer>, reporter: HealthReporter, stop: CancellationToken) {
+    let mut usable = balancer.watch_usable();
     tokio::spawn(async move {
-        let mut serving = true;
+        let mut serving = false;
         loop {
+            let now = *usable.borrow_and_update();
+            if now != serving && !stop.is_cancelled() {
+                serving = now;
+                let status = if now { ServingStatus::Serving } else { ServingStatus::NotServing };
+                match now {
+                    true => info!("a processor is up: SERVING"),
+                    false => warn!("no processor is up: NOT_SERVING"),
+                }
+                reporter.set_service_status(PIPELINE_SERVICE, status).await;
+            }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
+                changed = usable.changed() => if changed.is_err() { return },
             }
-            let now = !balancer.endpoints().iter().all(|e| e.is_down());
-            if now == serving || stop.is_cancelled() {
-                continue;
-            }
-            serving = now;
-            let status = if now { ServingStatus::Serving } else { ServingStatus::NotServing };
-            match now {
-                true => info!("a processor is reachable again: SERVING"),
-                false => warn!("every processor is down: NOT_SERVING"),
-            }
-            reporter.set_service_status(PIPELINE_SERVICE, status).await;
-            reporter.set_service_status("", status).await;
         }
     });
 }

@@ -108,6 +108,8 @@ async fn a_processor_killed_mid_run_loses_no_record() {
     let a = processor();
     let mut b = processor();
     let (a_url, b_url) = (a.url(), b.url());
+    // Results name the instance by its address.
+    let (a_addr, b_addr) = (a.addr.to_string(), b.addr.to_string());
     let pipeline = pipeline(&[a_url.clone(), b_url.clone()], "5s");
     let mut client = pipeline_client(&pipeline.url()).await;
 
@@ -151,9 +153,9 @@ async fn a_processor_killed_mid_run_loses_no_record() {
     );
     for (i, r) in got.report.results.iter().enumerate() {
         assert_output(r, &expected(&ids[i], None, ROUNDS));
-        assert!(r.processor == a_url || r.processor == b_url, "{}: {}", r.record_id, r.processor);
+        assert!(r.processor == a_addr || r.processor == b_addr, "{}: {}", r.record_id, r.processor);
         if r.attempts >= 2 {
-            assert_eq!(r.processor, a_url, "{}: retried onto the surviving processor", r.record_id);
+            assert_eq!(r.processor, a_addr, "{}: retried onto the surviving processor", r.record_id);
         }
     }
     assert!(got.summary().retries >= 1, "the records in flight on B were retried");
@@ -161,7 +163,7 @@ async fn a_processor_killed_mid_run_loses_no_record() {
     // The pipeline keeps working on the survivor.
     let got = run_ok(&mut client, run_request(records(5))).await;
     assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
-    assert!(got.records.iter().all(|r| r.processor == a_url));
+    assert!(got.records.iter().all(|r| r.processor == a_addr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,6 +171,8 @@ async fn a_processor_frozen_mid_run_loses_no_record() {
     let a = processor();
     let b = processor();
     let (a_url, b_url) = (a.url(), b.url());
+    // Results name the instance by its address.
+    let (a_addr, b_addr) = (a.addr.to_string(), b.addr.to_string());
     let pipeline = pipeline(&[a_url.clone(), b_url.clone()], "5s");
     let mut client = pipeline_client(&pipeline.url()).await;
 
@@ -213,7 +217,7 @@ async fn a_processor_frozen_mid_run_loses_no_record() {
     assert_eq!(got.status(), proto::RunStatus::Succeeded, "every record succeeds: {:#?}", got.failures());
     for r in &got.records {
         if r.attempts >= 2 {
-            assert_eq!(r.processor, a_url, "{}: retried onto the live processor", r.record_id);
+            assert_eq!(r.processor, a_addr, "{}: retried onto the live processor", r.record_id);
         }
     }
     // The pipeline keeps working while B stays frozen (a record sent to B
@@ -225,9 +229,9 @@ async fn a_processor_frozen_mid_run_loses_no_record() {
     });
     let got = run_ok(&mut client, req).await;
     assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
-    assert!(got.records.iter().all(|r| r.processor == a_url), "every record ends on the live instance");
+    assert!(got.records.iter().all(|r| r.processor == a_addr), "every record ends on the live instance");
     signal("-CONT", &b);
-    drop(b_url);
+    drop((b_url, b_addr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

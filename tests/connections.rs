@@ -248,9 +248,11 @@ async fn a_connection_holding_an_open_stream_is_not_idle() {
     let pipeline = fanout::server::start_pipeline(&cfg).await.expect("start pipeline");
 
     let mut h2 = RawH2::connect(pipeline.addr).await;
-    let watch = HealthCheckRequest { service: String::new() }.encode_to_vec();
+    // The pipeline's readiness, which follows its processors.
+    let watch = HealthCheckRequest { service: "fanout.v1.Pipeline".into() }.encode_to_vec();
     h2.call(1, "/grpc.health.v1.Health/Watch", &watch).await;
-    assert_eq!(h2.message::<HealthCheckResponse>(1).await.status(), ServingStatus::Serving);
+    // NOT_SERVING until its first probe of the processor has answered.
+    while h2.message::<HealthCheckResponse>(1).await.status() != ServingStatus::Serving {}
 
     // Held for three idle timeouts: the connection stays open and answers.
     h2.stays_open(SHORT * 3, Some(1)).await;

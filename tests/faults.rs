@@ -20,7 +20,7 @@ async fn transient_failures_are_retried_on_another_instance() {
     let script = Arc::new(Script::new().transient("rec-005", 1).transient("rec-011", 2));
     let a = start_processor(TestWorkload::new("A", &script)).await;
     let b = start_processor(TestWorkload::new("B", &script)).await;
-    let url_of = |label: &str| if label == "A" { a.url.clone() } else { b.url.clone() };
+    let url_of = |label: &str| if label == "A" { a.addr.clone() } else { b.addr.clone() };
     let pipeline = start_pipeline(&[a.url.clone(), b.url.clone()]).await;
     let mut client = pipeline_client(&pipeline.url()).await;
 
@@ -159,6 +159,7 @@ async fn records_of_a_crashed_processor_finish_elsewhere() {
     let a = start_processor(TestWorkload::new("A", &script).gated(&gate)).await;
     let b = start_processor(TestWorkload::new("B", &script)).await;
     let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    let b_addr = b.addr.clone();
     let pipeline = start_pipeline(&[a_url.clone(), b_url.clone()]).await;
     let mut client = pipeline_client(&pipeline.url()).await;
 
@@ -185,7 +186,7 @@ async fn records_of_a_crashed_processor_finish_elsewhere() {
         assert_output(r, &expected(&r.record_id, None, ROUNDS));
         if r.attempts >= 2 {
             moved += 1;
-            assert_eq!(r.processor, b_url, "{}: retried onto the surviving processor", r.record_id);
+            assert_eq!(r.processor, b_addr, "{}: retried onto the surviving processor", r.record_id);
         }
     }
     assert!(moved >= 1, "the records in flight on A were retried");
@@ -218,7 +219,7 @@ async fn an_attempt_over_record_timeout_is_retried_elsewhere() {
     // saw took more than one attempt.
     let mut seen_by_a = 0;
     for r in &got.records {
-        assert_eq!(r.processor, b.url, "{}: only B can finish", r.record_id);
+        assert_eq!(r.processor, b.addr, "{}: only B can finish", r.record_id);
         assert_output(r, &expected(&r.record_id, None, ROUNDS));
         let on_a = script.attempts_of(&r.record_id).iter().filter(|p| *p == "A").count();
         if on_a > 0 {

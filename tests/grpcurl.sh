@@ -54,8 +54,13 @@ expect() { # expect WHAT NEEDLE OUTPUT
 expect "list pipeline" "fanout.v1.Pipeline" "$(grpcurl -plaintext "$pipe_addr" list)"
 expect "list processor" "fanout.v1.RecordProcessor" "$(grpcurl -plaintext "$proc_addr" list)"
 expect "describe" "rpc Run" "$(grpcurl -plaintext "$pipe_addr" describe fanout.v1.Pipeline)"
-expect "health" "SERVING" \
-  "$(grpcurl -plaintext -d '{"service":"fanout.v1.Pipeline"}' "$pipe_addr" grpc.health.v1.Health/Check)"
+# The pipeline is ready once its first probe of the processor has answered.
+for _ in $(seq 1 50); do
+  health=$(grpcurl -plaintext -d '{"service":"fanout.v1.Pipeline"}' "$pipe_addr" grpc.health.v1.Health/Check)
+  grep -q '"SERVING"' <<<"$health" && break
+  sleep 0.1
+done
+expect "health" '"SERVING"' "$health"
 
 # rec-explicit (3 units) and rec-00000 at rounds = 1000: tests/data/vectors.json.
 run=$(grpcurl -plaintext -d '{

@@ -139,8 +139,7 @@ async fn stop_and_watch(running: Running, service: &str) {
     let mut health = HealthClient::new(channel(&url).await);
     let req = HealthCheckRequest { service: service.into() };
     let mut watch = tokio::time::timeout(WAIT, health.watch(req)).await.unwrap().unwrap().into_inner();
-    let first = next(&mut watch).await.unwrap().expect("a first status");
-    assert_eq!(first.status(), ServingStatus::Serving);
+    until_serving(&mut watch).await;
 
     running.stop_token().cancel();
     let status = loop {
@@ -161,6 +160,12 @@ async fn stop_and_watch(running: Running, service: &str) {
     assert!(refused.is_err(), "the listener is closed after shutdown");
 }
 
+/// Reads `watch` until it says SERVING (a pipeline is ready once its first
+/// probe of a processor has answered).
+async fn until_serving(w: &mut tonic::Streaming<HealthCheckResponse>) {
+    while next(w).await.expect("watch answers").expect("a status").status() != ServingStatus::Serving {}
+}
+
 /// The next status on `watch` that differs from `from`.
 async fn next_change(w: &mut tonic::Streaming<HealthCheckResponse>, from: ServingStatus) -> ServingStatus {
     loop {
@@ -179,10 +184,15 @@ async fn a_pipeline_is_not_serving_while_every_processor_is_down() {
     let mut health = HealthClient::new(channel(&pipeline.url()).await);
     let req = HealthCheckRequest { service: PIPELINE_SERVICE.into() };
     let mut watch = tokio::time::timeout(WAIT, health.watch(req)).await.unwrap().unwrap().into_inner();
-    assert_eq!(next(&mut watch).await.unwrap().unwrap().status(), ServingStatus::Serving);
+    until_serving(&mut watch).await;
+    // The overall status is the process's liveness: it does not follow the
+    // processors, so an outage of theirs never gets pipelines restarted.
+    let overall = HealthCheckRequest { service: String::new() };
 
     p.running.abort();
     assert_eq!(next_change(&mut watch, ServingStatus::Serving).await, ServingStatus::NotServing);
+    let alive = health.check(overall).await.unwrap().into_inner();
+    assert_eq!(alive.status(), ServingStatus::Serving, "liveness while the processors are down");
 
     // A processor on the same address brings the pipeline back.
     let cfg = fanout::config::ProcessorConfig { listen: addr.to_string(), ..processor_config() };

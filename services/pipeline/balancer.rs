@@ -1,5 +1,5 @@
 //! Instance choice and capacity: which processor gets the next attempt, and
-//! when.
+//! when; and the live set of instances those choices are made among.
 //!
 //! Each processor advertises its `slots` (`Describe`); the pipeline never has
 //! more attempts in flight on an instance than that, across all its runs.
@@ -10,21 +10,39 @@
 //! oldest waiter of the next run in rotation, so a run of 4,096 records in
 //! flight cannot starve a run of one.
 //!
+//! The set of instances changes while runs go on ([`discovery`](super::discovery)
+//! feeds it from DNS): a new instance is probed and described before it gets
+//! work; one that leaves takes no new attempts, its in-flight ones finish,
+//! and it is forgotten once idle. Instance states:
+//!
+//! - `UP`: answered its last probe SERVING (or a call) and may get work;
+//! - `DRAINING`: answered NOT_SERVING or refused a record as shutting down:
+//!   no new work, but its in-flight records finish there;
+//! - `DOWN`: unreachable. When a probe gets *no answer at all* within the
+//!   probe timeout (link down, frozen host), the instance is *lost*: its
+//!   in-flight attempts are ended at once and retried elsewhere, whatever
+//!   their `record_timeout`. An explicit refusal (connection refused, reset)
+//!   ends nothing that is still running.
+//!
 //! Not tonic's `balance_list` (random p2c over a load that is always 0, which
 //! keeps choosing dead endpoints and waits forever when none is ready). Each
 //! instance has two connections: one for records, one for health probes and
-//! `Describe`, so a probe never queues behind record traffic.
+//! `Describe`, so a probe never queues behind record traffic. No HTTP/2
+//! keepalive pings by default: grpc-go servers (and Envoy) answer pings more
+//! often than every 5 minutes with GOAWAY; probes find lost hosts instead.
 
+use super::discovery::{Resolve, SystemResolver, Target};
 use super::wire::ProcessRecordWire;
 use crate::error::Error;
 use crate::processor::is_not_started;
 use crate::proto::record_processor_client::RecordProcessorClient;
 use crate::proto::{DescribeRequest, ProcessRecordResponse};
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint as ChannelEndpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -49,12 +67,31 @@ const MIN_PROBE_GAP: Duration = Duration::from_millis(250);
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
+const DRAINING: u8 = 3;
 
-/// One processor instance.
+/// How the pipeline connects to processors.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Bound on opening a connection, and on a probe's answer.
+    pub connect_timeout: Duration,
+    /// How often every instance is probed.
+    pub health_interval: Duration,
+    /// HTTP/2 keepalive pings on the record connections (off when `None`).
+    pub http2_keepalive: Option<Duration>,
+}
+
+/// One processor instance: one address.
 #[derive(Debug)]
 pub struct Endpoint {
-    /// The endpoint URL, as configured (normalised to `http://…`).
+    /// Unique for the balancer's life (an address that comes back is a new
+    /// instance with a new id).
+    pub id: u64,
+    /// `http://ADDRESS:PORT`, what it is dialled at.
     pub url: String,
+    /// `ADDRESS:PORT`.
+    pub addr: String,
+    /// The configured `--processors` entry it came from.
+    target: usize,
     calls: tonic::client::Grpc<Channel>,
     probes: Channel,
     /// Leases held; changed only under the scheduler's lock.
@@ -62,13 +99,54 @@ pub struct Endpoint {
     /// From `Describe`; 0 until described (no work before that).
     slots: AtomicUsize,
     state: AtomicU8,
+    /// Left the resolved set: no new work; forgotten once idle.
+    removed: AtomicBool,
     /// When it last answered (a probe or a call), as nanoseconds since the
     /// balancer's origin; 0 = never.
     last_ok: AtomicU64,
+    /// The name it reports in `Describe`.
+    name: Mutex<String>,
+    /// Cancelled when the instance is lost: its in-flight attempts end.
+    lost: Mutex<CancellationToken>,
     warned_no_describe: AtomicBool,
 }
 
 impl Endpoint {
+    fn new(id: u64, target: usize, addr: SocketAddr, opts: &ConnectOptions) -> Result<Self, Error> {
+        let url = format!("http://{addr}");
+        let mut endpoint = ChannelEndpoint::from_shared(url.clone())
+            .map_err(|e| Error::Config(format!("processor endpoint {url:?}: {e}")))?
+            .connect_timeout(opts.connect_timeout)
+            .tcp_nodelay(true);
+        if let Some(every) = opts.http2_keepalive {
+            endpoint = endpoint.http2_keep_alive_interval(every).keep_alive_timeout(opts.connect_timeout);
+        }
+        let calls = tonic::client::Grpc::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(usize::MAX);
+        // The probe connection sends no keepalive either: probes are the check.
+        let probes = ChannelEndpoint::from_shared(url.clone())
+            .map_err(|e| Error::Config(format!("processor endpoint {url:?}: {e}")))?
+            .connect_timeout(opts.connect_timeout)
+            .connect_lazy();
+        Ok(Self {
+            id,
+            url,
+            addr: addr.to_string(),
+            target,
+            calls,
+            probes,
+            in_flight: AtomicUsize::new(0),
+            slots: AtomicUsize::new(0),
+            state: AtomicU8::new(UNKNOWN),
+            removed: AtomicBool::new(false),
+            last_ok: AtomicU64::new(0),
+            name: Mutex::new(String::new()),
+            lost: Mutex::new(CancellationToken::new()),
+            warned_no_describe: AtomicBool::new(false),
+        })
+    }
+
     /// Calls in flight to this instance.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
@@ -79,23 +157,56 @@ impl Endpoint {
         self.slots.load(Ordering::Relaxed)
     }
 
-    /// Whether the last probe or call found it unreachable or not serving.
+    /// Whether it may get work now: up, described, still in the set.
+    pub fn is_up(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == UP
+    }
+
+    /// Whether the last probe or call found it unreachable.
     pub fn is_down(&self) -> bool {
         self.state.load(Ordering::Relaxed) == DOWN
     }
 
-    /// Up and described: it may be given work.
-    fn usable(&self) -> bool {
-        self.state.load(Ordering::Relaxed) == UP && self.slots() > 0
+    /// Whether it is shutting down (no new work; its records finish).
+    pub fn is_draining(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == DRAINING
     }
 
-    /// Sets the state; `true` when it changed.
-    fn set_state(&self, state: u8) -> bool {
+    /// The instance as results name it: its address, and the name it
+    /// reports when that is something else.
+    pub fn label(&self) -> String {
+        let name = self.name.lock().unwrap_or_else(|p| p.into_inner());
+        if name.is_empty() || *name == self.addr {
+            self.addr.clone()
+        } else {
+            format!("{} ({name})", self.addr)
+        }
+    }
+
+    /// Up and described: it may be given work.
+    fn usable(&self) -> bool {
+        self.is_up() && self.slots() > 0 && !self.removed.load(Ordering::Relaxed)
+    }
+
+    fn lost_token(&self) -> CancellationToken {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets the state, logging the change and why; `true` when it changed.
+    fn set_state(&self, state: u8, why: &str) -> bool {
         let old = self.state.swap(state, Ordering::Relaxed);
         if old != state {
             match state {
-                UP => info!(processor = %self.url, slots = self.slots(), "processor is up"),
-                _ => warn!(processor = %self.url, "processor is down"),
+                UP => {
+                    // Back from lost: later attempts get a live token.
+                    let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+                    if lost.is_cancelled() {
+                        *lost = CancellationToken::new();
+                    }
+                    info!(processor = %self.addr, slots = self.slots(), "processor is up")
+                }
+                DRAINING => info!(processor = %self.addr, reason = why, "processor is draining"),
+                _ => warn!(processor = %self.addr, reason = why, "processor is down"),
             }
         }
         old != state
@@ -119,23 +230,23 @@ impl Drop for RunQueue {
 }
 
 impl RunQueue {
-    /// Waits for a slot (see the [module docs](self)); `avoid` is the
-    /// instance the record just failed on, taken only when no other has
+    /// Waits for a slot (see the [module docs](self)); `avoid` is the id of
+    /// the instance the record just failed on, taken only when no other has
     /// room. `UNAVAILABLE` when a round of health probes finds every
     /// instance down (one is asked for at once when they all look down, so
     /// one lost connection does not fail a record before a probe has had
     /// its say).
-    pub async fn acquire(&self, avoid: Option<usize>) -> Result<Lease, Error> {
+    pub async fn acquire(&self, avoid: Option<u64>) -> Result<Lease, Error> {
         let b = &self.balancer;
         let rx = {
             let mut sched = b.sched();
             // Nobody waiting: no one to be fair to.
             if sched.ring.is_empty()
-                && let Some(i) = b.choose(avoid, &mut sched.rotate)
+                && let Some(ep) = choose(&mut sched, avoid)
             {
-                return Ok(b.lease_locked(i));
+                return Ok(b.lease_locked(ep));
             }
-            if b.all_down() {
+            if all_down(&sched) {
                 b.probe_soon.notify_one();
             }
             let (tx, rx) = oneshot::channel();
@@ -157,28 +268,79 @@ impl RunQueue {
 #[derive(Debug)]
 struct Waiter {
     tx: oneshot::Sender<Lease>,
-    avoid: Option<usize>,
+    avoid: Option<u64>,
 }
 
-/// Waiting attempts, per run, and the order runs take turns in.
+/// The instances, the waiting attempts per run, and the order runs take
+/// turns in: one lock, so that a choice and the counts it reads agree.
 #[derive(Debug, Default)]
 struct Sched {
+    endpoints: Vec<Arc<Endpoint>>,
     queues: HashMap<u64, VecDeque<Waiter>>,
     /// Runs with waiters, next to serve first.
     ring: VecDeque<u64>,
     rotate: usize,
 }
 
+/// The instance for the next attempt: among usable ones with a free slot,
+/// not `avoid` if another has room, then the lowest share of slots in use;
+/// ties rotate so equal instances share the work. One pass over the fleet.
+fn choose(sched: &mut Sched, avoid: Option<u64>) -> Option<Arc<Endpoint>> {
+    let n = sched.endpoints.len();
+    if n == 0 {
+        return None;
+    }
+    let start = sched.rotate % n;
+    sched.rotate = sched.rotate.wrapping_add(1);
+    let mut best: Option<(usize, bool, usize, usize)> = None;
+    for k in 0..n {
+        let i = (start + k) % n;
+        let ep = &sched.endpoints[i];
+        let (used, slots) = (ep.in_flight(), ep.slots());
+        if !ep.usable() || used >= slots {
+            continue;
+        }
+        let avoided = Some(ep.id) == avoid;
+        let better = match best {
+            None => true,
+            Some((_, b_avoided, b_used, b_slots)) => {
+                (b_avoided && !avoided) || (b_avoided == avoided && used * b_slots < b_used * slots)
+            }
+        };
+        if better {
+            best = Some((i, avoided, used, slots));
+        }
+    }
+    best.map(|(i, ..)| sched.endpoints[i].clone())
+}
+
+/// Every instance unreachable (draining ones still count as there: their
+/// records finish, and new instances may be joining).
+fn all_down(sched: &Sched) -> bool {
+    sched.endpoints.iter().filter(|e| !e.removed.load(Ordering::Relaxed)).all(|e| e.is_down())
+}
+
 /// The set of processor instances a pipeline spreads records over.
-#[derive(Debug)]
 pub struct Balancer {
-    endpoints: Vec<Arc<Endpoint>>,
     sched: Mutex<Sched>,
+    /// The configured `--processors` entries.
+    targets: Vec<Target>,
+    resolver: Arc<dyn Resolve>,
+    opts: ConnectOptions,
+    next_id: AtomicU64,
     next_run: AtomicU64,
-    probe_timeout: Duration,
-    health_interval: Duration,
     origin: Instant,
     probe_soon: Notify,
+    /// Asks the resolver loop to look names up again now (rate-limited there).
+    pub(super) resolve_soon: Notify,
+    /// Whether some instance is usable, for the pipeline's readiness.
+    usable_tx: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer").field("targets", &self.targets).finish_non_exhaustive()
+    }
 }
 
 /// A slot on a chosen instance; counts as in flight until dropped, and then
@@ -187,8 +349,6 @@ pub struct Balancer {
 pub struct Lease {
     balancer: Arc<Balancer>,
     endpoint: Arc<Endpoint>,
-    /// Position of the endpoint in the balancer.
-    pub index: usize,
     /// False for a lease that was never handed out (its waiter had gone).
     armed: bool,
 }
@@ -196,7 +356,7 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.armed {
-            self.balancer.release(self.index);
+            self.balancer.release(&self.endpoint);
         }
     }
 }
@@ -204,36 +364,59 @@ impl Drop for Lease {
 /// How one call ended, beyond success.
 #[derive(Debug)]
 pub enum CallError {
-    /// The processor refused the record before starting it (it was full):
-    /// sending it again is not a new attempt.
+    /// The processor refused the record before starting it (full, or
+    /// shutting down), or the call never reached it: sending it again is
+    /// not a new attempt.
     NotStarted(tonic::Status),
     /// The attempt failed with this status.
     Failed(tonic::Status),
 }
 
+/// Whether a transport failure happened before the request reached the
+/// processor: the connection was refused, or the stream was refused
+/// (HTTP/2 REFUSED_STREAM, sent by a server that is closing).
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if text.contains("tcp connect error") || text.contains("refused stream") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 impl Lease {
-    /// The endpoint's URL.
-    pub fn url(&self) -> &str {
-        &self.endpoint.url
+    /// The instance's id.
+    pub fn endpoint_id(&self) -> u64 {
+        self.endpoint.id
+    }
+
+    /// The instance as results name it ([`Endpoint::label`]).
+    pub fn label(&self) -> String {
+        self.endpoint.label()
     }
 
     /// One `ProcessRecord` call bounded by `timeout`, which also travels as
     /// the call's `grpc-timeout` so the processor stops the record's units
     /// when it passes even if the cancellation never reaches it. (tonic's own
     /// client timeouts surface as `CANCELLED` and bound only the time to
-    /// headers, so the bound that decides is here.) Dropping the future
-    /// cancels the call on the processor.
+    /// headers, so the bound that decides is here.) Ends early, as a
+    /// transient failure, when the instance is found lost. Dropping the
+    /// future cancels the call on the processor.
     pub async fn process(
         &self,
         req: ProcessRecordWire,
         timeout: Duration,
     ) -> Result<ProcessRecordResponse, CallError> {
         let ep = &self.endpoint;
+        let lost = ep.lost_token();
         let mut grpc = ep.calls.clone();
         let call = async {
             grpc.ready()
                 .await
-                .map_err(|e| tonic::Status::unavailable(format!("{}: not ready: {e}", ep.url)))?;
+                .map_err(|e| tonic::Status::unavailable(format!("{}: not ready: {e}", ep.addr)))?;
             let mut request = tonic::Request::new(req);
             request.set_timeout(timeout);
             let path = tonic::codegen::http::uri::PathAndQuery::from_static(
@@ -246,32 +429,54 @@ impl Lease {
             )
             .await
         };
-        match tokio::time::timeout(timeout, call).await {
+        let timed_out = || {
+            // A frozen instance only ever times out: let a probe look at it
+            // now rather than at the next interval.
+            self.balancer.probe_soon.notify_one();
+            CallError::Failed(tonic::Status::deadline_exceeded(format!(
+                "attempt timed out after {timeout:?} on {}",
+                ep.addr
+            )))
+        };
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, call) => r,
+            _ = lost.cancelled() => {
+                return Err(CallError::Failed(tonic::Status::unavailable(format!(
+                    "{}: instance lost (no answer to its health probe); retried elsewhere",
+                    ep.addr
+                ))));
+            }
+        };
+        match result {
             Ok(Ok(resp)) => {
-                self.balancer.answered(self.index);
+                self.balancer.answered(ep);
                 Ok(resp.into_inner())
             }
             Ok(Err(status)) if is_not_started(&status) => {
-                self.balancer.answered(self.index);
+                if status.code() == tonic::Code::Unavailable {
+                    // Refused as shutting down: no new work for it.
+                    self.balancer.set_state(ep, DRAINING, "refused a record: shutting down");
+                } else {
+                    self.balancer.answered(ep);
+                }
                 Err(CallError::NotStarted(status))
             }
+            // Our grpc-timeout, enforced by tonic on either side (the
+            // client's channel reports it with a transport source).
             Ok(Err(status))
                 if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" =>
             {
-                // Our grpc-timeout, enforced by tonic on either side (the
-                // client's channel reports it with a transport source): the
-                // attempt timed out, the instance is fine.
-                Err(CallError::Failed(tonic::Status::deadline_exceeded(format!(
-                    "attempt timed out after {timeout:?} on {}",
-                    ep.url
-                ))))
+                Err(timed_out())
             }
             Ok(Err(status)) => {
                 // A status with a source came from the transport (refused,
                 // reset, closed), not from the processor's handler.
                 if std::error::Error::source(&status).is_some() {
-                    debug!(processor = %ep.url, error = %status, "transport failure");
-                    self.balancer.mark_down(self.index);
+                    debug!(processor = %ep.addr, error = %status, "transport failure");
+                    self.balancer.mark_down(ep, &status.to_string());
+                    if never_sent(&status) {
+                        return Err(CallError::NotStarted(status));
+                    }
                     // hyper reports a call whose connection died under it
                     // (the instance crashed) as "operation was canceled",
                     // which tonic maps to CANCELLED; that is the instance
@@ -280,75 +485,79 @@ impl Lease {
                         return Err(CallError::Failed(tonic::Status::unavailable(format!(
                             "{} ({}: connection lost)",
                             status.message(),
-                            ep.url
+                            ep.addr
                         ))));
                     }
                 } else {
-                    self.balancer.answered(self.index);
+                    self.balancer.answered(ep);
                 }
                 Err(CallError::Failed(status))
             }
-            Err(_) => Err(CallError::Failed(tonic::Status::deadline_exceeded(format!(
-                "attempt timed out after {timeout:?} on {}",
-                ep.url
-            )))),
+            Err(_) => Err(timed_out()),
         }
     }
 }
 
 impl Balancer {
-    /// Endpoints for these URLs (`host:port` gets `http://`). Connections are
-    /// opened lazily with `connect_timeout`; nothing is dialled here.
-    /// `https://` is refused: TLS to processors is not built yet, and
-    /// speaking plaintext to an `https://` URL would be a silent downgrade.
-    pub fn new(urls: &[String], connect_timeout: Duration, health_interval: Duration) -> Result<Self, Error> {
-        if urls.is_empty() {
-            return Err(Error::Config("no processor endpoints (--processors / FANOUT_PROCESSORS)".into()));
-        }
-        let endpoints = urls
-            .iter()
-            .map(|raw| {
-                let url = normalize_url(raw);
-                if !url.starts_with("http://") {
-                    return Err(Error::Config(format!(
-                        "processor endpoint {raw:?}: only http:// is supported (TLS to processors is not built yet)"
-                    )));
-                }
-                let endpoint = ChannelEndpoint::from_shared(url.clone())
-                    .map_err(|e| Error::Config(format!("processor endpoint {raw:?}: {e}")))?
-                    .connect_timeout(connect_timeout)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(20))
-                    .keep_alive_timeout(Duration::from_secs(10));
-                let calls = tonic::client::Grpc::new(endpoint.connect_lazy())
-                    .max_decoding_message_size(MAX_RESPONSE_BYTES)
-                    .max_encoding_message_size(usize::MAX);
-                Ok(Arc::new(Endpoint {
-                    url,
-                    calls,
-                    probes: endpoint.connect_lazy(),
-                    in_flight: AtomicUsize::new(0),
-                    slots: AtomicUsize::new(0),
-                    state: AtomicU8::new(UNKNOWN),
-                    last_ok: AtomicU64::new(0),
-                    warned_no_describe: AtomicBool::new(false),
-                }))
-            })
-            .collect::<Result<_, Error>>()?;
-        Ok(Self {
-            endpoints,
-            sched: Mutex::default(),
-            next_run: AtomicU64::new(1),
-            probe_timeout: connect_timeout,
-            health_interval,
-            origin: Instant::now(),
-            probe_soon: Notify::new(),
-        })
+    /// A balancer over `processors` (see [`Target::parse`]), looked up with
+    /// the system's resolver. Connections are opened lazily; nothing is
+    /// dialled or looked up here: addresses given as IPs are instances at
+    /// once, names become instances when [`discovery`](super::discovery)
+    /// resolves them.
+    pub fn new(processors: &[String], opts: ConnectOptions) -> Result<Self, Error> {
+        Self::with_resolver(processors, opts, Arc::new(SystemResolver))
     }
 
-    /// The endpoints, in configured order.
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
+    /// [`Balancer::new`] with another resolver (tests drive membership
+    /// through one).
+    pub fn with_resolver(
+        processors: &[String],
+        opts: ConnectOptions,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Self, Error> {
+        if processors.is_empty() {
+            return Err(Error::Config("no processor endpoints (--processors / FANOUT_PROCESSORS)".into()));
+        }
+        let targets = processors.iter().map(|raw| Target::parse(raw)).collect::<Result<Vec<_>, _>>()?;
+        let (usable_tx, _) = watch::channel(false);
+        let b = Self {
+            sched: Mutex::default(),
+            targets,
+            resolver,
+            opts,
+            next_id: AtomicU64::new(1),
+            next_run: AtomicU64::new(1),
+            origin: Instant::now(),
+            probe_soon: Notify::new(),
+            resolve_soon: Notify::new(),
+            usable_tx,
+        };
+        for (i, t) in b.targets.iter().enumerate() {
+            if let Some(addr) = t.fixed_addr() {
+                b.update_target(i, &[addr]);
+            }
+        }
+        Ok(b)
+    }
+
+    /// The configured entries.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    pub(super) fn resolver(&self) -> &Arc<dyn Resolve> {
+        &self.resolver
+    }
+
+    /// The instances now (those that left the set and are finishing their
+    /// last records excluded).
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.sched().endpoints.iter().filter(|e| !e.removed.load(Ordering::Relaxed)).cloned().collect()
+    }
+
+    /// Follows whether some instance can take work.
+    pub fn watch_usable(&self) -> watch::Receiver<bool> {
+        self.usable_tx.subscribe()
     }
 
     /// A new run's place in the rotation.
@@ -367,40 +576,53 @@ impl Balancer {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The instance for the next attempt, under the scheduler's lock: among
-    /// usable ones with a free slot, not `avoid` if another has room, then
-    /// the lowest share of slots in use; ties rotate so equal instances
-    /// share the work.
-    fn choose(&self, avoid: Option<usize>, rotate: &mut usize) -> Option<usize> {
-        let n = self.endpoints.len();
-        let start = *rotate;
-        *rotate = rotate.wrapping_add(1);
-        let mut best: Option<(usize, bool, usize, usize)> = None;
-        for k in 0..n {
-            let i = (start + k) % n;
-            let ep = &self.endpoints[i];
-            let (used, slots) = (ep.in_flight(), ep.slots());
-            if !ep.usable() || used >= slots {
-                continue;
-            }
-            let avoided = Some(i) == avoid;
-            let better = match best {
-                None => true,
-                Some((_, b_avoided, b_used, b_slots)) => {
-                    (b_avoided && !avoided) || (b_avoided == avoided && used * b_slots < b_used * slots)
-                }
-            };
-            if better {
-                best = Some((i, avoided, used, slots));
+    /// Makes the instances of `target` exactly `addrs`: new addresses become
+    /// new instances (probed and described before they get work); vanished
+    /// ones take no new work and are forgotten once their in-flight attempts
+    /// end. Returns how many joined and left.
+    pub(super) fn update_target(&self, target: usize, addrs: &[SocketAddr]) -> (usize, usize) {
+        let mut sched = self.sched();
+        let mut joined = 0;
+        let mut left = 0;
+        for ep in sched.endpoints.iter().filter(|e| e.target == target && !e.removed.load(Ordering::Relaxed))
+        {
+            if !addrs.iter().any(|a| a.to_string() == ep.addr) {
+                ep.removed.store(true, Ordering::Relaxed);
+                info!(processor = %ep.addr, in_flight = ep.in_flight(), "processor left the resolved set; draining");
+                left += 1;
             }
         }
-        best.map(|(i, ..)| i)
+        for addr in addrs {
+            let known = sched.endpoints.iter().any(|e| {
+                e.target == target && !e.removed.load(Ordering::Relaxed) && e.addr == addr.to_string()
+            });
+            if known {
+                continue;
+            }
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            match Endpoint::new(id, target, *addr, &self.opts) {
+                Ok(ep) => {
+                    info!(processor = %ep.addr, target = %self.targets[target], "processor joined; probing");
+                    sched.endpoints.push(Arc::new(ep));
+                    joined += 1;
+                }
+                Err(e) => warn!(%addr, error = %e, "cannot use a resolved address"),
+            }
+        }
+        sched.endpoints.retain(|e| !(e.removed.load(Ordering::Relaxed) && e.in_flight() == 0));
+        drop(sched);
+        if joined > 0 {
+            self.probe_soon.notify_one();
+        }
+        if left > 0 {
+            self.publish_usable();
+        }
+        (joined, left)
     }
 
-    fn lease_locked(self: &Arc<Self>, index: usize) -> Lease {
-        let endpoint = self.endpoints[index].clone();
+    fn lease_locked(self: &Arc<Self>, endpoint: Arc<Endpoint>) -> Lease {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        Lease { balancer: self.clone(), endpoint, index, armed: true }
+        Lease { balancer: self.clone(), endpoint, armed: true }
     }
 
     /// Hands free slots to waiting attempts, runs taking turns.
@@ -419,7 +641,8 @@ impl Balancer {
                 sched.ring.pop_front();
                 continue;
             };
-            let Some(index) = self.choose(avoid, &mut sched.rotate) else { return };
+            let Some(endpoint) = choose(sched, avoid) else { return };
+            let queue = sched.queues.get_mut(&run).expect("checked above");
             let waiter = queue.pop_front().expect("checked non-empty");
             let more = !queue.is_empty();
             sched.ring.pop_front();
@@ -428,7 +651,7 @@ impl Balancer {
             } else {
                 sched.queues.remove(&run);
             }
-            if let Err(mut lease) = waiter.tx.send(self.lease_locked(index)) {
+            if let Err(mut lease) = waiter.tx.send(self.lease_locked(endpoint)) {
                 // Gone between the check and now: take the slot back here
                 // (dropping it armed would re-enter this lock).
                 lease.armed = false;
@@ -437,9 +660,13 @@ impl Balancer {
         }
     }
 
-    fn release(self: &Arc<Self>, index: usize) {
+    fn release(self: &Arc<Self>, endpoint: &Arc<Endpoint>) {
         let mut sched = self.sched();
-        self.endpoints[index].in_flight.fetch_sub(1, Ordering::Relaxed);
+        let left = endpoint.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        if left == 0 && endpoint.removed.load(Ordering::Relaxed) {
+            sched.endpoints.retain(|e| e.id != endpoint.id);
+            debug!(processor = %endpoint.addr, "a processor that left is idle; forgotten");
+        }
         self.dispatch_locked(&mut sched);
     }
 
@@ -449,129 +676,154 @@ impl Balancer {
     /// failure).
     fn refresh(self: &Arc<Self>, confirmed: bool) {
         let mut sched = self.sched();
-        if self.all_down() {
-            if !confirmed {
-                return;
-            }
-            if !sched.queues.is_empty() {
+        if all_down(&sched) {
+            if confirmed && !sched.queues.is_empty() {
                 warn!(
                     waiting = sched.queues.values().map(VecDeque::len).sum::<usize>(),
                     "every processor is down"
                 );
+                sched.queues.clear();
+                sched.ring.clear();
             }
-            sched.queues.clear();
-            sched.ring.clear();
         } else {
             self.dispatch_locked(&mut sched);
         }
+        drop(sched);
+        self.publish_usable();
     }
 
-    fn all_down(&self) -> bool {
-        self.endpoints.iter().all(|e| e.is_down())
+    fn publish_usable(&self) {
+        let usable = self.sched().endpoints.iter().any(|e| e.usable());
+        self.usable_tx.send_if_modified(|now| std::mem::replace(now, usable) != usable);
     }
 
     fn none_up(&self) -> Error {
-        let urls: Vec<&str> = self.endpoints.iter().map(|e| e.url.as_str()).collect();
-        Error::Unavailable(format!("no processor is up ({})", urls.join(", ")))
+        let names: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
+        Error::Unavailable(format!("no processor is up ({})", names.join(", ")))
     }
 
     fn now_ns(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// A call was answered by the processor's handler: it is reachable.
-    fn answered(self: &Arc<Self>, index: usize) {
-        let ep = &self.endpoints[index];
-        ep.last_ok.store(self.now_ns(), Ordering::Relaxed);
-        if ep.set_state(UP) {
+    fn set_state(self: &Arc<Self>, ep: &Endpoint, state: u8, why: &str) {
+        if ep.set_state(state, why) {
             self.refresh(false);
+        }
+    }
+
+    /// A call was answered by the processor's handler: it is reachable.
+    fn answered(self: &Arc<Self>, ep: &Endpoint) {
+        ep.last_ok.store(self.now_ns(), Ordering::Relaxed);
+        if !ep.is_draining() {
+            self.set_state(ep, UP, "answered");
         }
     }
 
     /// A call failed in the transport: no new work until a probe says
-    /// otherwise, and probe soon.
-    fn mark_down(self: &Arc<Self>, index: usize) {
-        if self.endpoints[index].set_state(DOWN) {
-            self.refresh(false);
-        }
+    /// otherwise; probe soon, and look its name up again soon.
+    fn mark_down(self: &Arc<Self>, ep: &Endpoint, why: &str) {
+        self.set_state(ep, DOWN, why);
         self.probe_soon.notify_one();
+        self.resolve_soon.notify_one();
     }
 
-    /// Probes one instance: health, then `Describe` for its slots.
-    async fn probe(self: &Arc<Self>, index: usize) -> Result<(), String> {
-        let ep = &self.endpoints[index];
+    /// Probes one instance: health, then `Describe` for its slots and name.
+    async fn probe(self: &Arc<Self>, ep: &Arc<Endpoint>) -> Result<(), String> {
+        let timeout = self.opts.connect_timeout;
         let check = async {
             let mut health = HealthClient::new(ep.probes.clone());
             let req = HealthCheckRequest { service: PROCESSOR_SERVICE.into() };
-            let resp = health.check(req).await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            let resp =
+                health.check(req).await.map_err(|s| (DOWN, format!("{:?}: {}", s.code(), s.message())))?;
             if resp.get_ref().status != ServingStatus::Serving as i32 {
-                return Err(format!("health status {:?}", resp.get_ref().status()));
+                return Err((DRAINING, format!("health status {:?}", resp.get_ref().status())));
             }
             let mut describe = RecordProcessorClient::new(ep.probes.clone());
-            let slots = match describe.describe(DescribeRequest {}).await {
-                Ok(d) => d.into_inner().slots as usize,
+            let (slots, name) = match describe.describe(DescribeRequest {}).await {
+                Ok(d) => {
+                    let d = d.into_inner();
+                    (d.slots as usize, d.name)
+                }
                 Err(s) if s.code() == tonic::Code::Unimplemented => {
                     if !ep.warned_no_describe.swap(true, Ordering::Relaxed) {
-                        warn!(processor = %ep.url, slots = FALLBACK_SLOTS, "processor has no Describe; assuming slots");
+                        warn!(processor = %ep.addr, slots = FALLBACK_SLOTS, "processor has no Describe; assuming slots");
                     }
-                    FALLBACK_SLOTS
+                    (FALLBACK_SLOTS, String::new())
                 }
-                Err(s) => return Err(format!("Describe: {:?}: {}", s.code(), s.message())),
+                Err(s) => return Err((DOWN, format!("Describe: {:?}: {}", s.code(), s.message()))),
             };
-            Ok(slots.max(1))
+            Ok((slots.max(1), name))
         };
-        let result = match tokio::time::timeout(self.probe_timeout, check).await {
-            Err(_) => Err(format!("health check timed out after {:?}", self.probe_timeout)),
+        let result = match tokio::time::timeout(timeout, check).await {
+            Err(_) => {
+                // No answer at all: a host gone without closing its
+                // connections, or frozen. What it had in flight will never
+                // come back: end those attempts now.
+                let why = format!("no answer to a health probe within {timeout:?}");
+                ep.lost_token().cancel();
+                Err((DOWN, why))
+            }
             Ok(r) => r,
         };
-        let changed = match result {
-            Ok(slots) => {
+        let changed = match &result {
+            Ok((slots, name)) => {
                 ep.last_ok.store(self.now_ns(), Ordering::Relaxed);
-                let resized = ep.slots.swap(slots, Ordering::Relaxed) != slots;
-                ep.set_state(UP) || resized
+                *ep.name.lock().unwrap_or_else(|p| p.into_inner()) = name.clone();
+                let resized = ep.slots.swap(*slots, Ordering::Relaxed) != *slots;
+                ep.set_state(UP, "probe answered SERVING") || resized
             }
-            Err(_) => ep.set_state(DOWN),
+            Err((state, why)) => ep.set_state(*state, why),
         };
         if changed {
             self.refresh(false);
         }
-        result.map(drop)
+        result.map(drop).map_err(|(_, why)| why)
     }
 
     /// Probes every instance at once.
-    pub async fn probe_all(self: &Arc<Self>) -> Vec<Result<(), String>> {
-        let results = futures::future::join_all((0..self.endpoints.len()).map(|i| self.probe(i))).await;
+    pub async fn probe_all(self: &Arc<Self>) -> Vec<(Arc<Endpoint>, Result<(), String>)> {
+        let endpoints = self.sched().endpoints.clone();
+        let results = futures::future::join_all(endpoints.iter().map(|ep| self.probe(ep))).await;
         self.refresh(true);
-        results
+        endpoints.into_iter().zip(results).collect()
     }
 
     /// Succeeds when some instance is usable and answered within the last
-    /// health interval; otherwise probes them all now and fails with
-    /// `UNAVAILABLE` naming each when none is usable. (A run is not accepted
-    /// on health older than a probe interval.)
+    /// health interval; otherwise looks names up and probes every instance
+    /// now, and fails with `UNAVAILABLE` naming each when none is usable. (A
+    /// run is not accepted on health older than a probe interval.)
     pub async fn ensure_ready(self: &Arc<Self>) -> Result<(), Error> {
-        let fresh =
-            self.now_ns().saturating_sub(u64::try_from(self.health_interval.as_nanos()).unwrap_or(u64::MAX));
-        if self.endpoints.iter().any(|ep| ep.usable() && ep.last_ok.load(Ordering::Relaxed) >= fresh) {
+        let interval = u64::try_from(self.opts.health_interval.as_nanos()).unwrap_or(u64::MAX);
+        let fresh = self.now_ns().saturating_sub(interval);
+        let endpoints = self.endpoints();
+        // An instance never probed yet (just started, just joined) is
+        // probed first, so that the run spreads over it too.
+        let unknown = endpoints.iter().any(|ep| ep.state.load(Ordering::Relaxed) == UNKNOWN);
+        if !unknown && endpoints.iter().any(|ep| ep.usable() && ep.last_ok.load(Ordering::Relaxed) >= fresh) {
             return Ok(());
         }
+        let resolved = tokio::time::timeout(self.opts.connect_timeout, self.resolve_all()).await;
         let results = self.probe_all().await;
-        if self.endpoints.iter().any(|ep| ep.usable()) {
+        if self.endpoints().iter().any(|ep| ep.usable()) {
             return Ok(());
         }
-        let why: Vec<String> = self
-            .endpoints
-            .iter()
-            .zip(results)
+        let mut why: Vec<String> = results
+            .into_iter()
+            .filter(|(ep, _)| !ep.removed.load(Ordering::Relaxed))
             .map(|(ep, r)| format!("{} ({})", ep.url, r.err().unwrap_or_else(|| "not described".into())))
             .collect();
+        match resolved {
+            Err(_) => why.push("name lookups timed out".into()),
+            Ok(failures) => why.extend(failures),
+        }
         Err(Error::Unavailable(format!("no reachable processor: {}", why.join(", "))))
     }
 
-    /// Probes every instance each `interval`, and soon after a call's
-    /// transport failure (at most every 250 ms), until `stop` or the
-    /// balancer is dropped, so a down instance comes back once it answers
-    /// again and a new one is described before it gets work.
+    /// Probes every instance each `interval`, and soon after a failure (at
+    /// most every 250 ms) or a new instance, until `stop` or the balancer is
+    /// dropped, so a down instance comes back once it answers again and a
+    /// new one is described before it gets work.
     pub fn spawn_health_checks(self: &Arc<Self>, interval: Duration, stop: CancellationToken) {
         let weak: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -602,10 +854,27 @@ pub fn normalize_url(raw: &str) -> String {
 mod tests {
     use super::*;
 
+    fn opts(connect_ms: u64) -> ConnectOptions {
+        ConnectOptions {
+            connect_timeout: Duration::from_millis(connect_ms),
+            health_interval: Duration::from_secs(1),
+            http2_keepalive: None,
+        }
+    }
+
+    /// Position of the lease's instance in the balancer's list.
+    fn pos(b: &Balancer, l: &Lease) -> usize {
+        b.endpoints().iter().position(|e| e.id == l.endpoint_id()).unwrap()
+    }
+
+    fn id(b: &Balancer, i: usize) -> u64 {
+        b.endpoints()[i].id
+    }
+
     fn balancer(slots: &[usize]) -> Arc<Balancer> {
         let urls: Vec<String> = (0..slots.len()).map(|i| format!("127.0.0.1:{}", 1 + i)).collect();
-        let b = Balancer::new(&urls, Duration::from_millis(100), Duration::from_secs(1)).unwrap();
-        for (ep, &s) in b.endpoints.iter().zip(slots) {
+        let b = Balancer::new(&urls, opts(100)).unwrap();
+        for (ep, &s) in b.endpoints().iter().zip(slots) {
             ep.slots.store(s, Ordering::Relaxed);
             ep.state.store(UP, Ordering::Relaxed);
         }
@@ -622,7 +891,7 @@ mod tests {
         }
         let mut per = [0; 3];
         for l in &leases {
-            per[l.index] += 1;
+            per[pos(&b, l)] += 1;
         }
         assert_eq!(per, [2, 2, 2], "equal instances share the work");
         drop(leases);
@@ -637,7 +906,7 @@ mod tests {
             [q.acquire(None).await.unwrap(), q.acquire(None).await.unwrap(), q.acquire(None).await.unwrap()];
         let mut per = [0; 2];
         for l in &leases {
-            per[l.index] += 1;
+            per[pos(&b, l)] += 1;
         }
         assert_eq!(per, [1, 2]);
         // Full: the next attempt waits until a slot frees.
@@ -646,10 +915,10 @@ mod tests {
         assert!(futures::poll!(waiting.as_mut()).is_pending());
         assert_eq!(b.waiting(), 1);
         let [a, _, _] = leases;
-        let freed = a.index;
+        let freed = a.endpoint_id();
         drop(a);
         let got = tokio::time::timeout(Duration::from_secs(1), waiting).await.unwrap().unwrap();
-        assert_eq!(got.index, freed);
+        assert_eq!(got.endpoint_id(), freed);
     }
 
     #[tokio::test]
@@ -671,7 +940,7 @@ mod tests {
         drop(first);
         // Next turn is the small run's, not the big run's second attempt.
         let got = tokio::time::timeout(Duration::from_secs(1), small_waiting).await.unwrap().unwrap();
-        assert_eq!(got.index, 0);
+        assert_eq!(pos(&b, &got), 0);
         assert!(futures::poll!(big_waiting[0].as_mut()).is_pending());
     }
 
@@ -679,16 +948,19 @@ mod tests {
     async fn avoids_down_and_the_failed_instance() {
         let b = balancer(&[4, 4, 4]);
         let q = b.run_queue();
-        b.endpoints[0].set_state(DOWN);
+        b.endpoints()[0].set_state(DOWN, "test");
         for _ in 0..10 {
-            assert_eq!(q.acquire(Some(1)).await.unwrap().index, 2);
+            let l = q.acquire(Some(id(&b, 1))).await.unwrap();
+            assert_eq!(pos(&b, &l), 2);
         }
         // With every other choice down, the avoided one is still better than nothing.
-        b.endpoints[2].set_state(DOWN);
-        assert_eq!(q.acquire(Some(1)).await.unwrap().index, 1);
+        b.endpoints()[2].set_state(DOWN, "test");
+        let l = q.acquire(Some(id(&b, 1))).await.unwrap();
+        assert_eq!(pos(&b, &l), 1);
+        drop(l);
         // Every instance down: once a probe round confirms it (nothing
         // listens on these ports), waiting would be forever, so it fails.
-        b.mark_down(1);
+        b.mark_down(&b.endpoints()[1], "test");
         b.spawn_health_checks(Duration::from_secs(60), CancellationToken::new());
         let err = tokio::time::timeout(Duration::from_secs(5), q.acquire(None)).await.unwrap().unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
@@ -702,7 +974,7 @@ mod tests {
         let waiting = q.acquire(None);
         tokio::pin!(waiting);
         assert!(futures::poll!(waiting.as_mut()).is_pending());
-        b.mark_down(0);
+        b.mark_down(&b.endpoints()[0], "test");
         // A lost connection alone does not fail it: it waits for a probe.
         assert!(futures::poll!(waiting.as_mut()).is_pending());
         b.spawn_health_checks(Duration::from_secs(60), CancellationToken::new());
@@ -715,10 +987,7 @@ mod tests {
     async fn no_reachable_processor_is_unavailable() {
         // Bind and drop to find a port with nothing listening.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let b = Arc::new(
-            Balancer::new(&[format!("127.0.0.1:{port}")], Duration::from_millis(500), Duration::from_secs(1))
-                .unwrap(),
-        );
+        let b = Arc::new(Balancer::new(&[format!("127.0.0.1:{port}")], opts(500)).unwrap());
         let err = b.ensure_ready().await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(err.to_string().contains(&port.to_string()), "{err}");
@@ -726,8 +995,7 @@ mod tests {
 
     #[test]
     fn https_is_refused_until_tls_exists() {
-        let err = Balancer::new(&["https://p:1".into()], Duration::from_secs(1), Duration::from_secs(1))
-            .unwrap_err();
-        assert!(err.to_string().contains("only http://"), "{err}");
+        let err = Balancer::new(&["https://p:1".into()], opts(1000)).unwrap_err();
+        assert!(err.to_string().contains("TLS"), "{err}");
     }
 }

@@ -2,7 +2,10 @@
 //! [`run::execute`] and streams its events back.
 //!
 //! - [`run`]: fan-out and fan-in of one run (records sent, retried, gathered).
-//! - [`balancer`]: which processor instance gets the next attempt.
+//! - [`balancer`]: which processor instance gets the next attempt, and the
+//!   live set of instances.
+//! - [`discovery`]: where instances come from: `--processors`, names looked
+//!   up again and again.
 //! - [`retry`]: which failures are retried, and the backoff between attempts.
 //! - [`report`]: exactly-once bookkeeping and the final report.
 //! - [`admission`]: how many runs, and how many bytes of requests, the
@@ -16,6 +19,7 @@
 
 pub mod admission;
 pub mod balancer;
+pub mod discovery;
 pub mod report;
 pub mod retry;
 pub mod run;
@@ -58,7 +62,23 @@ impl PipelineService {
     /// every run (each then reports `CANCELLED`) and stops health probes; the
     /// server does so once its drain timeout has passed.
     pub fn new(cfg: &PipelineConfig, cancel_runs: CancellationToken) -> Result<Self, Error> {
-        let balancer = Arc::new(Balancer::new(&cfg.processors, cfg.connect_timeout, cfg.health_interval)?);
+        Self::with_resolver(cfg, cancel_runs, Arc::new(discovery::SystemResolver))
+    }
+
+    /// [`PipelineService::new`] looking names up through `resolver` (tests
+    /// drive membership with one).
+    pub fn with_resolver(
+        cfg: &PipelineConfig,
+        cancel_runs: CancellationToken,
+        resolver: Arc<dyn discovery::Resolve>,
+    ) -> Result<Self, Error> {
+        let opts = balancer::ConnectOptions {
+            connect_timeout: cfg.connect_timeout,
+            health_interval: cfg.health_interval,
+            http2_keepalive: cfg.http2_keepalive_interval,
+        };
+        let balancer = Arc::new(Balancer::with_resolver(&cfg.processors, opts, resolver)?);
+        balancer.spawn_resolver(cfg.resolve_interval, cancel_runs.clone());
         balancer.spawn_health_checks(cfg.health_interval, cancel_runs.clone());
         Ok(Self {
             balancer,

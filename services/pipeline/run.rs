@@ -310,8 +310,8 @@ async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> Re
             Ok(lease) => {
                 req.attempt = attempt;
                 ctx.attempts[index].store(attempt, Ordering::Relaxed);
-                processor = lease.url().to_owned();
-                avoid = Some(lease.index);
+                processor = lease.label();
+                avoid = Some(lease.endpoint_id());
                 match lease.process(req.clone(), ctx.record_timeout).await {
                     Ok(resp) => {
                         let outcome = Outcome::Succeeded {

@@ -59,6 +59,8 @@ pub struct Proc {
     pub running: Running,
     pub stats: Arc<EngineStats>,
     pub url: String,
+    /// `IP:PORT`, as results name the instance (`RecordResult.processor`).
+    pub addr: String,
 }
 
 /// Starts a processor with `workload` and [`processor_config`].
@@ -70,7 +72,8 @@ pub async fn start_processor<W: Workload>(workload: W) -> Proc {
 pub async fn start_processor_with<W: Workload>(cfg: &ProcessorConfig, workload: W) -> Proc {
     let (running, stats) = server::start_processor(cfg, workload).await.expect("start processor");
     let url = running.url();
-    Proc { running, stats, url }
+    let addr = running.addr.to_string();
+    Proc { running, stats, url, addr }
 }
 
 /// Starts a pipeline over `urls` with [`pipeline_config`].
