@@ -373,13 +373,18 @@ pub enum CallError {
 }
 
 /// Whether a transport failure happened before the request reached the
-/// processor: the connection was refused, or the stream was refused
-/// (HTTP/2 REFUSED_STREAM, sent by a server that is closing).
+/// processor: the connection was refused; the stream was refused (HTTP/2
+/// REFUSED_STREAM, sent by a server that is closing); or hyper dropped the
+/// request unsent because its connection closed first ("operation was
+/// canceled", which is what a processor shutting down gracefully causes).
 fn never_sent(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {
         let text = e.to_string();
-        if text.contains("tcp connect error") || text.contains("refused stream") {
+        if text.contains("tcp connect error")
+            || text.contains("refused stream")
+            || text.contains("operation was canceled")
+        {
             return true;
         }
         source = e.source();
