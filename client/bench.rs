@@ -13,6 +13,9 @@
 //! - many-runs: 200 concurrent runs of 500 records (pipeline in a child
 //!   process), vs one run of the same 100,000 records over the same fleet:
 //!   what isolation between runs costs.
+//! - fleet: 1-unit, 0-round records over fleets of 1, 8 and 64 processor
+//!   instances (pipeline in a child process), same records and concurrency
+//!   for each: what picking an instance costs as the fleet grows.
 
 use crate::input::generated_records;
 use crate::session;
@@ -51,6 +54,8 @@ pub enum Scenario {
     Scale,
     /// Many concurrent runs vs one run of as many records in all.
     ManyRuns,
+    /// Records/s over fleets of 1, 8 and 64 instances vs the smallest fleet.
+    Fleet,
 }
 
 /// Flags of `fanout bench`.
@@ -61,7 +66,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "efficiency,overhead,latency,scale,many-runs"
+        default_value = "efficiency,overhead,latency,scale,many-runs,fleet"
     )]
     scenarios: Vec<Scenario>,
     /// efficiency: seconds one thread needs for all units (sets `rounds`).
@@ -88,8 +93,18 @@ pub struct BenchArgs {
     /// many-runs: records in each of those runs.
     #[arg(long, default_value_t = 500)]
     many_runs_records: usize,
+    /// fleet: processor instances in each fleet, comma-separated; the
+    /// smallest is the baseline of the others.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    fleet_sizes: Vec<usize>,
+    /// fleet: records in each run (the same for every fleet size).
+    #[arg(long, default_value_t = 20_000)]
+    fleet_records: usize,
+    /// fleet: records in flight (the same for every fleet size).
+    #[arg(long, default_value_t = 256)]
+    fleet_concurrency: u32,
     /// Repetitions of each measurement (efficiency, overhead, latency,
-    /// many-runs); each figure is the median, each ratio the median of ratios
+    /// many-runs, fleet); each figure is the median, each ratio the median of ratios
     /// taken against the baseline measured just before it.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -207,6 +222,7 @@ pub async fn bench(args: BenchArgs) -> Result<i32> {
             Scenario::Latency => latency(&args, &mut table).await?,
             Scenario::Scale => scale(&args, &mut table).await?,
             Scenario::ManyRuns => many_runs(&args, &mut table).await?,
+            Scenario::Fleet => fleet(&args, &mut table).await?,
         }
     }
     println!();
@@ -894,5 +910,222 @@ async fn many_runs(args: &BenchArgs, table: &mut Table) -> Result<()> {
     table.add("many-runs", "pipeline peak RSS before the runs", idle, "MiB");
     table.add("many-runs", format!("pipeline peak RSS, {runs} concurrent runs"), peak_many, "MiB");
     table.add("many-runs", format!("pipeline peak RSS, one run of {total} records"), peak_one, "MiB");
+    Ok(())
+}
+
+// ------------------------------------------------------------------ fleet
+
+/// The longest one fleet run may take before the scenario gives up.
+const FLEET_RUN_BOUND: Duration = Duration::from_secs(300);
+
+/// CPU time (user + system, over all its threads, gone ones included) that
+/// a process has used so far, in seconds, from /proc (in ticks of 1/100 s,
+/// Linux's USER_HZ).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name, in parentheses, may hold spaces: count from after it,
+    // where field 3 of the line comes first.
+    let (_, rest) = stat.rsplit_once(')').context("no command name in /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |field: usize| -> Result<f64> {
+        Ok(fields.get(field - 3).context("short /proc stat")?.parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15.
+    Ok((ticks(14)? + ticks(15)?) / 100.0)
+}
+
+/// "1 instance", "8 instances".
+fn instances(n: usize) -> String {
+    format!("{n} instance{}", if n == 1 { "" } else { "s" })
+}
+
+/// One fleet size: its pipeline (a child process), a client of it, and its
+/// measurements.
+struct Fleet {
+    size: usize,
+    /// Its instances' addresses (`127.0.0.1:port`).
+    addrs: Vec<String>,
+    child: PipelineChild,
+    client: PipelineClient<Channel>,
+    rates: Vec<f64>,
+    /// Paired with the smallest fleet's rate of the same repetition.
+    ratios: Vec<f64>,
+    /// Paired with the next smaller fleet's rate of the same repetition.
+    step_ratios: Vec<f64>,
+    /// CPU µs per record: the pipeline child's, and the bench process's
+    /// (the processors and the client).
+    pipeline_cpu: Vec<f64>,
+    rest_cpu: Vec<f64>,
+    /// The most uneven spread seen: (fewest, most) records on one instance.
+    spread: Option<(usize, usize)>,
+}
+
+/// Runs `n` records over this fleet once; returns records/s.
+async fn fleet_run(f: &mut Fleet, n: usize, in_flight: u32) -> Result<f64> {
+    let pid = f.child.child.0.id();
+    let (pipeline0, rest0) = (cpu_seconds(pid)?, cpu_seconds(std::process::id())?);
+    // Results in the report (not summary_only): their `processor` field
+    // gives the spread. That costs every fleet size the same.
+    let req = request(one_unit_records(n), 0, proto::UnitMode::Parallel, in_flight, false);
+    let (report, wall) = tokio::time::timeout(FLEET_RUN_BOUND, timed_run(&mut f.client, req))
+        .await
+        .with_context(|| format!("{n} records over {} took over {FLEET_RUN_BOUND:?}", instances(f.size)))??;
+    let (pipeline1, rest1) = (cpu_seconds(pid)?, cpu_seconds(std::process::id())?);
+    f.pipeline_cpu.push((pipeline1 - pipeline0) / n as f64 * 1e6);
+    f.rest_cpu.push((rest1 - rest0) / n as f64 * 1e6);
+    let mut per: BTreeMap<&str, usize> = f.addrs.iter().map(|a| (a.as_str(), 0)).collect();
+    for r in &report.results {
+        // A result names its instance by URL or by address, perhaps followed
+        // by " (name)".
+        let addr = r.processor.trim_start_matches("http://").split(' ').next().unwrap_or_default();
+        *per.get_mut(addr).with_context(|| {
+            format!("record {} came from {:?}, not an instance of the fleet", r.record_id, r.processor)
+        })? += 1;
+    }
+    ensure!(report.results.len() == n, "{} results for {n} records", report.results.len());
+    let (lo, hi) = (per.values().min().copied(), per.values().max().copied());
+    let (lo, hi) = (lo.context("an empty fleet")?, hi.context("an empty fleet")?);
+    // Keep the lowest fewest/most (cross-multiplied: no division by zero).
+    if f.spread.is_none_or(|(l, h)| lo * h < l * hi) {
+        f.spread = Some((lo, hi));
+    }
+    Ok(n as f64 / wall.as_secs_f64())
+}
+
+async fn fleet(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let mut sizes = args.fleet_sizes.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    ensure!(sizes.first().is_some_and(|&s| s >= 1), "--fleet-sizes: one or more sizes, each at least 1");
+    let (n, c) = (args.fleet_records.max(1), args.fleet_concurrency.max(1));
+    let largest = sizes[sizes.len() - 1];
+    // The largest fleet's processors; each smaller fleet is the first of
+    // them. One unit thread each (64 processors would otherwise start 128
+    // on 2 cores), default slots (32 per unit thread).
+    let mut processors = Vec::with_capacity(largest);
+    for _ in 0..largest {
+        let cfg = ProcessorConfig {
+            listen: "127.0.0.1:0".into(),
+            unit_threads: Some(1),
+            ..ProcessorConfig::default()
+        };
+        processors.push(server::start_processor(&cfg, Digest::default()).await?.0);
+    }
+    // One pipeline per size, each in a child process: its runtime and CPU
+    // are its own, not shared with 64 processors' servers, so its CPU per
+    // record (the cost of choosing among more instances) can be read from
+    // /proc, and a profiler can be pointed at it alone.
+    let mut fleets = Vec::with_capacity(sizes.len());
+    for &size in &sizes {
+        let over = &processors[..size];
+        // The warm-up run has at least 16 records per instance.
+        let warm = n.max(16 * size);
+        let child = PipelineChild::spawn(over, warm).await?;
+        let client = session::connect(&child.addr).await?;
+        let addrs = over.iter().map(|p| p.addr.to_string()).collect();
+        eprintln!("  {}: pipeline (pid {}) on {}", instances(size), child.child.0.id(), child.addr);
+        let mut fleet = Fleet {
+            size,
+            addrs,
+            child,
+            client,
+            rates: Vec::new(),
+            ratios: Vec::new(),
+            step_ratios: Vec::new(),
+            pipeline_cpu: Vec::new(),
+            rest_cpu: Vec::new(),
+            spread: None,
+        };
+        // Warm-up, a twin of the measured runs: connections, the pipeline's
+        // first look at its fleet and its memory are in place before the
+        // figures (a first run measured up to a third slower). Its figures
+        // are dropped.
+        fleet_run(&mut fleet, warm, c).await?;
+        fleet.pipeline_cpu.clear();
+        fleet.rest_cpu.clear();
+        fleet.spread = None;
+        fleets.push(fleet);
+    }
+    for _ in 0..args.repeat.max(1) {
+        // Smallest fleet first: every other ratio is paired with its rate
+        // measured just before, in the same repetition.
+        let (mut base, mut previous) = (None, None);
+        for f in &mut fleets {
+            let rate = fleet_run(f, n, c).await?;
+            let base = *base.get_or_insert(rate);
+            eprintln!(
+                "  {:>13}: {rate:>7.0} records/s, {:.3} x {}; CPU per record: pipeline {:.1} µs, processors + client {:.1} µs",
+                instances(f.size),
+                rate / base,
+                instances(sizes[0]),
+                f.pipeline_cpu.last().copied().unwrap_or_default(),
+                f.rest_cpu.last().copied().unwrap_or_default(),
+            );
+            f.rates.push(rate);
+            f.ratios.push(rate / base);
+            f.step_ratios.push(rate / previous.unwrap_or(rate));
+            previous = Some(rate);
+        }
+    }
+    let base_rate = median(&mut fleets[0].rates.clone());
+    for k in 0..fleets.len() {
+        let previous_rate = median(&mut fleets[k.saturating_sub(1)].rates.clone());
+        let f = &mut fleets[k];
+        let name = format!("{}, {c} in flight", instances(f.size));
+        if k == 0 {
+            table.add("fleet", format!("baseline: {name}"), median(&mut f.rates), "records/s");
+            continue;
+        }
+        let is_target = f.size == largest;
+        let rate = median(&mut f.rates);
+        table.compare("fleet", name, rate, base_rate, "records/s", &mut f.ratios, |r| {
+            is_target.then(|| (">= 0.9".to_owned(), r >= 0.9))
+        });
+        if k > 1 {
+            // The smallest fleet may be short of slots for `c` in flight
+            // (one processor has 32): the step from the size before shows
+            // the cost of more instances alone.
+            let before = fleets[k - 1].size;
+            let f = &mut fleets[k];
+            table.compare(
+                "fleet",
+                format!("{} (baseline: {before})", instances(f.size)),
+                rate,
+                previous_rate,
+                "records/s",
+                &mut f.step_ratios,
+                |_| None,
+            );
+        }
+    }
+    for f in fleets.iter().filter(|f| f.size > 1) {
+        let (lo, hi) = f.spread.unwrap_or_default();
+        table.add(
+            "fleet",
+            format!("{}: fewest / most records on one ({lo} / {hi})", instances(f.size)),
+            lo as f64 / hi.max(1) as f64,
+            "min/max",
+        );
+    }
+    for f in &mut fleets {
+        table.add(
+            "fleet",
+            format!("{}: pipeline CPU per record", instances(f.size)),
+            median(&mut f.pipeline_cpu),
+            "µs",
+        );
+    }
+    for f in &mut fleets {
+        table.add(
+            "fleet",
+            format!("{}: processors + client CPU per record", instances(f.size)),
+            median(&mut f.rest_cpu),
+            "µs",
+        );
+    }
+    drop(fleets);
+    for p in processors {
+        p.shutdown().await?;
+    }
     Ok(())
 }
