@@ -37,6 +37,7 @@ use crate::error::Error;
 use crate::processor::is_not_started;
 use crate::proto::record_processor_client::RecordProcessorClient;
 use crate::proto::{DescribeRequest, ProcessRecordResponse};
+use futures::future::BoxFuture;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
@@ -830,19 +831,36 @@ impl Balancer {
     /// dropped, so a down instance comes back once it answers again and a
     /// new one is described before it gets work.
     pub fn spawn_health_checks(self: &Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let soon: fn(&Self) -> &Notify = |b| &b.probe_soon;
+        self.spawn_rounds(interval, MIN_PROBE_GAP, soon, stop, |b| {
+            Box::pin(async move { drop(b.probe_all().await) })
+        });
+    }
+
+    /// Runs `round` now, then again every `interval`, or sooner when
+    /// `soon(self)` is notified (at most once per `gap`), until `stop` is
+    /// cancelled or the balancer is dropped.
+    pub(super) fn spawn_rounds(
+        self: &Arc<Self>,
+        interval: Duration,
+        gap: Duration,
+        soon: fn(&Self) -> &Notify,
+        stop: CancellationToken,
+        round: fn(Arc<Self>) -> BoxFuture<'static, ()>,
+    ) {
         let weak: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 let Some(b) = weak.upgrade() else { return };
-                drop(b.probe_all().await);
-                let soon = async {
-                    tokio::time::sleep(MIN_PROBE_GAP).await;
-                    b.probe_soon.notified().await;
+                round(b.clone()).await;
+                let sooner = async {
+                    tokio::time::sleep(gap).await;
+                    soon(&b).notified().await;
                 };
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(interval) => {}
-                    _ = soon => {}
+                    _ = sooner => {}
                 }
             }
         });

@@ -19,7 +19,7 @@ use crate::error::Error;
 use futures::future::BoxFuture;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -142,21 +142,9 @@ impl Balancer {
         if self.targets().iter().all(|t| t.name().is_none()) {
             return;
         }
-        let weak: Weak<Self> = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let Some(b) = weak.upgrade() else { return };
-                drop(b.resolve_all().await);
-                let soon = async {
-                    tokio::time::sleep(MIN_RESOLVE_GAP).await;
-                    b.resolve_soon.notified().await;
-                };
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = soon => {}
-                }
-            }
+        let soon: fn(&Self) -> &tokio::sync::Notify = |b| &b.resolve_soon;
+        self.spawn_rounds(interval, MIN_RESOLVE_GAP, soon, stop, |b| {
+            Box::pin(async move { drop(b.resolve_all().await) })
         });
     }
 }
