@@ -158,7 +158,8 @@ impl Endpoint {
         self.slots.load(Ordering::Relaxed)
     }
 
-    /// Whether it may get work now: up, described, still in the set.
+    /// Whether its last probe (or call) found it up. It gets work only once
+    /// described too, and while it is still in the resolved set.
     pub fn is_up(&self) -> bool {
         self.state.load(Ordering::Relaxed) == UP
     }
