@@ -3,6 +3,9 @@
 //! - `fanout run`: send records from a file or stdin to a pipeline.
 //! - `fanout demo`: start two processors and a pipeline in-process on
 //!   loopback, run a generated batch through them, print the report.
+//! - `fanout bench`: the benchmark of BENCHMARKS.md.
+//! - `fanout load`: abuse scenarios against a fleet of fanout binaries
+//!   started from a directory, this commit's or an older one's.
 
 // mimalloc: see services/bin/processor.rs.
 #[global_allocator]
@@ -10,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod input;
+mod load;
 mod render;
 mod session;
 
@@ -42,6 +46,13 @@ enum Command {
     /// Benchmark: efficiency, overhead, latency and scale, each beside a
     /// baseline measured in the same run (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Abuse scenarios against a fleet of fanout binaries started from DIR,
+    /// old or new (before/after figures).
+    ///
+    /// Each scenario starts two `fanout-processor --unit-threads 1` and a
+    /// `fanout-pipeline` from DIR on loopback, drives them over gRPC only,
+    /// and kills them; see BENCHMARKS.md, "Load and abuse, before and after".
+    Load(load::LoadArgs),
     /// Serve a pipeline in this process (the bench's child process).
     #[command(hide = true)]
     ServePipeline(PipelineConfig),
@@ -211,6 +222,10 @@ async fn main() -> Result<()> {
         Command::Bench(args) => {
             fanout::telemetry::init("warn");
             bench::bench(args).await?
+        }
+        Command::Load(args) => {
+            fanout::telemetry::init("warn");
+            load::load(args).await?
         }
         Command::ServePipeline(cfg) => {
             fanout::telemetry::init("warn");
