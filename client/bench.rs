@@ -771,7 +771,7 @@ async fn tally_run(mut client: PipelineClient<Channel>, req: proto::RunRequest) 
                     tally.succeeded = r.status() == proto::RunStatus::Succeeded;
                     return tally;
                 }
-                Some(Event::Started(_)) | None => {}
+                Some(Event::Started(_) | Event::Progress(_)) | None => {}
             },
             Ok(None) => {
                 tally.note("stream ended before the report", "");

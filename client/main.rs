@@ -84,6 +84,10 @@ struct RunSettings {
     /// Fail the run, cancelling what is left, once more records than this failed.
     #[arg(long)]
     tolerated_failures: Option<u32>,
+    /// Fail the run, cancelling what is left, once more than this share
+    /// (0 to 100) of its records failed.
+    #[arg(long)]
+    tolerated_failure_percentage: Option<f64>,
     /// Leave per-record results out of the report.
     #[arg(long)]
     summary_only: bool,
@@ -149,6 +153,7 @@ impl RunSettings {
                 max_attempts: self.max_attempts.unwrap_or(0),
                 record_timeout: self.record_timeout.map(duration_to_proto),
                 tolerated_failures: self.tolerated_failures,
+                tolerated_failure_percentage: self.tolerated_failure_percentage,
                 summary_only: self.summary_only,
             }),
         }

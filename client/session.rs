@@ -63,6 +63,8 @@ pub async fn run(
                 }
             }
             Some(Event::Report(r)) => break r,
+            // The bar counts records itself; progress keeps the stream alive.
+            Some(Event::Progress(_)) => {}
             None => bail!("the pipeline sent an empty event"),
         }
     };

@@ -170,6 +170,11 @@ pub struct PipelineConfig {
     /// with RESOURCE_EXHAUSTED naming this flag.
     #[arg(long, env = "FANOUT_RUN_MEMORY_BUDGET", default_value_t = 1024 * MIB)]
     pub run_memory_budget: usize,
+    /// How often a run sends a `progress` event (counts so far), which also
+    /// keeps proxies from closing a stream that is quiet during long records
+    /// (nginx closes after 60 s of silence by default).
+    #[arg(long, env = "FANOUT_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub progress_interval: Duration,
     /// A run whose client takes no event for this long (its stream's flow
     /// control window stays full) is cancelled and logged.
     #[arg(long, env = "FANOUT_STALLED_CLIENT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -209,6 +214,9 @@ impl PipelineConfig {
             return Err(Error::Config(
                 "--resolve-interval, --health-interval and --connect-timeout must be positive".into(),
             ));
+        }
+        if self.progress_interval.is_zero() {
+            return Err(Error::Config("--progress-interval must be positive".into()));
         }
         if self.stalled_client_timeout.is_zero() {
             return Err(Error::Config("--stalled-client-timeout must be positive".into()));

@@ -209,6 +209,14 @@ fn run_options_from_proto(o: proto::RunOptions, limits: &RunLimits) -> Result<Ru
         max_attempts,
         record_timeout,
         tolerated_failures: o.tolerated_failures,
+        tolerated_failure_percentage: match o.tolerated_failure_percentage {
+            Some(p) if !(0.0..=100.0).contains(&p) => {
+                return Err(Error::InvalidArgument(format!(
+                    "options.tolerated_failure_percentage: must be from 0 to 100, got {p}"
+                )));
+            }
+            p => p,
+        },
         summary_only: o.summary_only,
     })
 }
@@ -390,6 +398,14 @@ pub fn event_to_proto(e: RunEvent) -> proto::RunEvent {
         }
         RunEvent::Record(r) => Event::Record(record_result_to_proto(r)),
         RunEvent::Report(r) => Event::Report(report_to_proto(r)),
+        RunEvent::Progress(p) => Event::Progress(proto::RunProgress {
+            records_dispatched: p.records_dispatched,
+            records_succeeded: p.records_succeeded,
+            records_failed: p.records_failed,
+            records_in_flight: p.records_in_flight,
+            record_count: p.record_count,
+            elapsed: Some(duration_to_proto(p.elapsed)),
+        }),
     };
     proto::RunEvent { event: Some(event) }
 }

@@ -98,6 +98,9 @@ pub struct RunOptions {
     pub record_timeout: Duration,
     /// More failed records than this aborts the run; `None` tolerates all.
     pub tolerated_failures: Option<u32>,
+    /// More failed records than this share (0 to 100) of the run's records
+    /// aborts the run; `None` tolerates all.
+    pub tolerated_failure_percentage: Option<f64>,
     /// Leave per-record results out of the report.
     pub summary_only: bool,
 }
@@ -207,4 +210,23 @@ pub enum RunEvent {
     Record(RecordResult),
     /// The final report.
     Report(RunReport),
+    /// Counts so far, at a steady interval.
+    Progress(RunProgress),
+}
+
+/// A run's counts at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunProgress {
+    /// Records started (first attempt made or waiting for a slot).
+    pub records_dispatched: u32,
+    /// Records that succeeded.
+    pub records_succeeded: u32,
+    /// Records that failed.
+    pub records_failed: u32,
+    /// Records started and not finished.
+    pub records_in_flight: u32,
+    /// Input records.
+    pub record_count: u32,
+    /// Since the run started.
+    pub elapsed: Duration,
 }

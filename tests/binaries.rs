@@ -131,6 +131,7 @@ async fn a_processor_killed_mid_run_loses_no_record() {
                 Event::Record(r) => records.push(r),
                 Event::Report(r) => break r,
                 Event::Started(_) => panic!("second started"),
+                Event::Progress(_) => {}
             }
             // Mid-run: after a few results, SIGKILL processor B.
             if records.len() == 3 && killed_after.is_none() {
@@ -139,7 +140,7 @@ async fn a_processor_killed_mid_run_loses_no_record() {
             }
         };
         assert!(killed_after.is_some(), "B was killed before the run ended");
-        Collected { started, records, report }
+        Collected { started, records, report, progress: Vec::new() }
     };
     let got = tokio::time::timeout(WAIT, collect).await.expect("run timed out");
     b.wait_exit(WAIT);
@@ -199,6 +200,7 @@ async fn a_processor_frozen_mid_run_loses_no_record() {
                 Event::Record(r) => records.push(r),
                 Event::Report(r) => break r,
                 Event::Started(_) => panic!("second started"),
+                Event::Progress(_) => {}
             }
             // Mid-run: SIGSTOP processor B, which then neither answers nor
             // closes its connections.
@@ -208,7 +210,7 @@ async fn a_processor_frozen_mid_run_loses_no_record() {
             }
         };
         assert!(frozen, "B was frozen before the run ended");
-        Collected { started, records, report }
+        Collected { started, records, report, progress: Vec::new() }
     };
     let got = tokio::time::timeout(WAIT, collect).await.expect("run timed out");
     assert!(

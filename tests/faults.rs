@@ -271,6 +271,63 @@ async fn too_many_failures_cancel_the_rest_and_fail_the_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_percentage_is_judged_as_records_finish() {
+    // 20 records, 5 failing (25 %), one at a time in input order.
+    let failing = ["rec-003", "rec-007", "rec-011", "rec-015", "rec-019"];
+    let script = Arc::new(failing.iter().fold(Script::new(), |s, id| s.permanent(id)));
+    let p = start_processor(TestWorkload::new("A", &script)).await;
+    let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
+    let mut client = pipeline_client(&pipeline.url()).await;
+    let ids = ids(20);
+    let run_with = |pct: f64| {
+        let mut req = run_request(records(20));
+        req.options = Some(RunOptions {
+            tolerated_failure_percentage: Some(pct),
+            max_in_flight: 1,
+            ..Default::default()
+        });
+        req
+    };
+
+    // 25 % tolerated: all 5 failures are within it.
+    let got = run_ok(&mut client, run_with(25.0)).await;
+    got.assert_exactly_once(&ids);
+    assert_eq!(got.status(), proto::RunStatus::PartiallyFailed);
+    assert_eq!(got.summary().records_failed, 5);
+
+    // 10 % of 20 = 2 tolerated: the third failure (rec-011) is certain to
+    // exceed the share, so the run stops there, without waiting for the end.
+    let got = run_ok(&mut client, run_with(10.0)).await;
+    got.assert_exactly_once(&ids);
+    assert_eq!(got.status(), proto::RunStatus::Failed);
+    for (i, r) in got.report.results.iter().enumerate() {
+        match i {
+            3 | 7 | 11 => assert_failed(r, Code::FailedPrecondition, &[&ids[i]], 1),
+            0..11 => assert_output(r, &expected(&ids[i], None, ROUNDS)),
+            _ => assert_failed(
+                r,
+                Code::Cancelled,
+                &["tolerated_failure_percentage = 10%", "the 2 tolerated"],
+                0,
+            ),
+        }
+    }
+
+    // Both set: the stricter applies (1 failure < 25 %).
+    let mut req = run_with(25.0);
+    req.options.as_mut().unwrap().tolerated_failures = Some(1);
+    let got = run_ok(&mut client, req).await;
+    assert_eq!(got.status(), proto::RunStatus::Failed);
+    assert_eq!(got.records.iter().filter(|r| r.error.as_ref().is_some_and(|e| e.code == 9)).count(), 2);
+
+    // Out of range or not a number: INVALID_ARGUMENT naming the field.
+    for bad in [-1.0, 100.5, f64::NAN] {
+        let status = client.run(run_with(bad)).await.unwrap_err();
+        assert_status(&status, Code::InvalidArgument, &["options.tolerated_failure_percentage", "0 to 100"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_cancellation_stops_processor_work() {
     let script = Arc::new(Script::new());
     let gate = Gate::closed();

@@ -178,3 +178,52 @@ async fn three_processors_all_receive_work() {
     }
     assert_eq!(total, N as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_events_come_at_the_interval_with_the_counts_so_far() {
+    let script = std::sync::Arc::new(common::Script::new());
+    let gate = common::Gate::closed();
+    let _open = gate.open_on_drop();
+    let p = start_processor(common::TestWorkload::new("A", &script).gated(&gate)).await;
+    let mut cfg = common::pipeline_config(std::slice::from_ref(&p.url));
+    cfg.progress_interval = std::time::Duration::from_millis(100);
+    let pipeline = fanout::server::start_pipeline(&cfg).await.unwrap();
+    let mut client = pipeline_client(&pipeline.url()).await;
+
+    // Every unit waits on the gate: the run is quiet but for progress.
+    let mut req = run_request(records(6));
+    req.options = Some(proto::RunOptions { max_in_flight: 4, ..Default::default() });
+    let mut stream = client.run(req).await.unwrap().into_inner();
+    let mut quiet = Vec::new();
+    while quiet.len() < 3 {
+        let ev = tokio::time::timeout(WAIT, stream.message()).await.unwrap().unwrap().unwrap();
+        match ev.event.unwrap() {
+            proto::run_event::Event::Progress(p) => quiet.push(p),
+            proto::run_event::Event::Started(_) => {}
+            other => panic!("nothing but progress while the gate is shut: {other:?}"),
+        }
+    }
+    let last = quiet.last().unwrap();
+    assert_eq!((last.records_dispatched, last.records_in_flight), (4, 4), "{last:?}");
+    assert_eq!((last.records_succeeded, last.records_failed, last.record_count), (0, 0, 6));
+    let secs = |p: &proto::RunProgress| {
+        let d = p.elapsed.unwrap();
+        d.seconds as f64 + f64::from(d.nanos) / 1e9
+    };
+    assert!(quiet.windows(2).all(|w| secs(&w[0]) < secs(&w[1])), "elapsed grows");
+    gate.open();
+    let mut records = 0;
+    loop {
+        let ev = tokio::time::timeout(WAIT, stream.message()).await.unwrap().unwrap().unwrap();
+        match ev.event.unwrap() {
+            proto::run_event::Event::Record(_) => records += 1,
+            proto::run_event::Event::Report(r) => {
+                assert_eq!(r.status(), proto::RunStatus::Succeeded);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(records, 6);
+    assert!(stream.message().await.unwrap().is_none(), "nothing after the report");
+}

@@ -244,6 +244,7 @@ async fn a_run_still_going_at_the_drain_timeout_is_cancelled_and_reports_every_r
                 Event::Record(r) => records.push(r),
                 Event::Report(r) => break (records, r),
                 Event::Started(_) => panic!("second started"),
+                Event::Progress(_) => {}
             }
         }
     };
@@ -255,6 +256,7 @@ async fn a_run_still_going_at_the_drain_timeout_is_cancelled_and_reports_every_r
         },
         records,
         report,
+        progress: Vec::new(),
     };
     got.assert_exactly_once(&ids(N));
     assert_eq!(got.status(), proto::RunStatus::Cancelled);

@@ -55,6 +55,7 @@ pub struct PipelineService {
     cancel_runs: CancellationToken,
     admission: Arc<Admission>,
     stalled_client_timeout: Duration,
+    progress_interval: Duration,
 }
 
 impl PipelineService {
@@ -87,6 +88,7 @@ impl PipelineService {
             cancel_runs,
             admission: Arc::new(Admission::new(cfg.max_concurrent_runs, cfg.run_memory_budget)),
             stalled_client_timeout: cfg.stalled_client_timeout,
+            progress_interval: cfg.progress_interval,
         })
     }
 
@@ -136,6 +138,7 @@ impl proto::pipeline_server::Pipeline for PipelineService {
             client_gone: client_gone.clone(),
             shutdown: self.cancel_runs.clone(),
             stalled_client_timeout: self.stalled_client_timeout,
+            progress_interval: self.progress_interval,
         };
         let queue = self.balancer.run_queue();
         let processors = self.balancer.endpoints().len();

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant, SystemTime};
 /// Why a run stopped before every record was processed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Abort {
-    /// More records failed than `tolerated_failures`.
+    /// More records failed than `tolerated_failures` or
+    /// `tolerated_failure_percentage` allow.
     TooManyFailures,
     /// The pipeline is shutting down.
     Shutdown,
@@ -63,6 +64,11 @@ impl ReportBuilder {
     /// Records failed so far.
     pub fn failed(&self) -> u32 {
         self.summary.records_failed
+    }
+
+    /// Records succeeded so far.
+    pub fn succeeded(&self) -> u32 {
+        self.summary.records_succeeded
     }
 
     /// Input positions of the records without a result yet, in order.

@@ -21,7 +21,7 @@ use super::report::{Abort, ReportBuilder};
 use super::retry::{Backoff, is_transient};
 use super::wire::ProcessRecordWire;
 use crate::convert;
-use crate::domain::{Failure, Outcome, RecordResult, RunEvent, RunRecord, RunSpec, UnitMode};
+use crate::domain::{Failure, Outcome, RecordResult, RunEvent, RunProgress, RunRecord, RunSpec, UnitMode};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use prost::bytes::Bytes;
@@ -63,6 +63,21 @@ pub struct RunControl {
     pub shutdown: CancellationToken,
     /// A client that takes no event for this long has its run cancelled.
     pub stalled_client_timeout: Duration,
+    /// How often a `progress` event is sent.
+    pub progress_interval: Duration,
+}
+
+/// The most failed records a run of `records` records tolerates: the
+/// stricter of a count and a share, `None` when neither is set. A share is
+/// exceeded as soon as more records failed than that share of all of them,
+/// which for a run of known size is certain before it ends.
+pub fn tolerated(count: Option<u32>, percentage: Option<f64>, records: usize) -> Option<u32> {
+    let by_share =
+        percentage.map(|p| (p / 100.0 * records as f64).floor().clamp(0.0, u32::MAX as f64) as u32);
+    match (count, by_share) {
+        (Some(c), Some(s)) => Some(c.min(s)),
+        (c, s) => c.or(s),
+    }
 }
 
 /// Runs `spec` to completion over the slots of `queue`'s balancer, sending
@@ -110,6 +125,14 @@ impl Outbox {
             self.queue.push_back(event);
         }
         Ok(())
+    }
+
+    /// Sends `event` only if the client has room for it now: for events a
+    /// client that is not reading does not need (progress).
+    fn offer(&mut self, event: RunEvent) {
+        if self.queue.is_empty() {
+            let _ = self.tx.try_send(event);
+        }
     }
 
     fn deadline(&self) -> Option<tokio::time::Instant> {
@@ -200,6 +223,14 @@ async fn execute_inner(
         record_timeout: opts.record_timeout,
         attempts: (0..n).map(|_| AtomicU32::new(0)).collect(),
     });
+    let tolerated = tolerated(opts.tolerated_failures, opts.tolerated_failure_percentage, n);
+    let run_started = Instant::now();
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + control.progress_interval,
+        control.progress_interval,
+    );
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dispatched = 0u32;
     let mut pending = spec.records.into_iter().enumerate();
     let mut in_flight = FuturesUnordered::new();
     let mut abort = None;
@@ -209,6 +240,7 @@ async fn execute_inner(
         while in_flight.len() < opts.max_in_flight.max(1) && outbox.queue.len() < OUTBOX_LIMIT {
             let Some((index, record)) = pending.next() else { break };
             in_flight.push(process_record(ctx.clone(), index, record));
+            dispatched += 1;
         }
         if in_flight.is_empty() && outbox.queue.is_empty() {
             break;
@@ -227,17 +259,23 @@ async fn execute_inner(
                     return gone(why, &control);
                 }
             }
+            _ = progress.tick() => {
+                outbox.offer(RunEvent::Progress(RunProgress {
+                    records_dispatched: dispatched,
+                    records_succeeded: report.succeeded(),
+                    records_failed: report.failed(),
+                    records_in_flight: in_flight.len() as u32,
+                    record_count: n as u32,
+                    elapsed: run_started.elapsed(),
+                }));
+            }
             Some(result) = in_flight.next(), if !in_flight.is_empty() => {
                 report.add(&result);
                 if let Err(why) = outbox.push(RunEvent::Record(result)) {
                     return gone(why, &control);
                 }
-                if opts.tolerated_failures.is_some_and(|t| report.failed() > t) {
-                    warn!(
-                        failed = report.failed(),
-                        tolerated = opts.tolerated_failures,
-                        "too many failed records; run aborted"
-                    );
+                if tolerated.is_some_and(|t| report.failed() > t) {
+                    warn!(failed = report.failed(), tolerated, "too many failed records; run aborted");
                     abort = Some(Abort::TooManyFailures);
                     break;
                 }
@@ -251,9 +289,12 @@ async fn execute_inner(
     if let Some(why) = abort {
         let reason = match why {
             Abort::TooManyFailures => format!(
-                "run aborted: {} records failed, more than tolerated_failures = {}",
+                "run aborted: {} records failed, more than the {} tolerated (tolerated_failures = {}, \
+                 tolerated_failure_percentage = {} of {n} records)",
                 report.failed(),
-                opts.tolerated_failures.unwrap_or_default()
+                tolerated.unwrap_or_default(),
+                opts.tolerated_failures.map_or("unset".into(), |t| t.to_string()),
+                opts.tolerated_failure_percentage.map_or("unset".into(), |p| format!("{p}%")),
             ),
             Abort::Shutdown => "run cancelled: the pipeline is shutting down".to_owned(),
         };

@@ -199,6 +199,8 @@ pub struct Collected {
     pub started: proto::RunStarted,
     pub records: Vec<proto::RecordResult>,
     pub report: proto::RunReport,
+    /// The `progress` events, in order.
+    pub progress: Vec<proto::RunProgress>,
 }
 
 impl Collected {
@@ -293,17 +295,19 @@ async fn run_inner(
     let first = stream.message().await?.expect("stream ended before any event");
     let Some(Event::Started(started)) = first.event else { panic!("first event must be started: {first:?}") };
     let mut records = Vec::new();
+    let mut progress = Vec::new();
     let report = loop {
         let ev = stream.message().await.expect("stream failed mid-run").expect("stream ended before report");
         match ev.event.expect("event set") {
             Event::Started(s) => panic!("a second started event: {s:?}"),
             Event::Record(r) => records.push(r),
             Event::Report(r) => break r,
+            Event::Progress(p) => progress.push(p),
         }
     };
     let after = stream.message().await.expect("stream failed after report");
     assert!(after.is_none(), "events after the report: {after:?}");
-    Ok(Collected { started, records, report })
+    Ok(Collected { started, records, report, progress })
 }
 
 /// Runs `req`, expecting it to be accepted.
