@@ -373,7 +373,7 @@ async fn timed_run(
 ) -> Result<(proto::RunReport, Duration)> {
     let n = req.records.len() as u32;
     let t = Instant::now();
-    let report = session::run(client, req, false).await?;
+    let report = session::run(client, req, false, None).await?;
     let wall = t.elapsed();
     let s = report.summary.unwrap_or_default();
     ensure!(

@@ -100,6 +100,10 @@ struct RunSettings {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Also write each record's result to FILE as it arrives, one JSON object
+    /// per line (NDJSON), in completion order.
+    #[arg(long, value_name = "FILE")]
+    output: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -175,7 +179,8 @@ async fn run(args: RunArgs) -> Result<i32> {
     let records = input::parse_records(&input::read_input(&args.input)?)?;
     let request = args.settings.request(records, params);
     let mut client = session::connect(&args.pipeline).await?;
-    let report = session::run(&mut client, request, !args.settings.quiet).await?;
+    let report =
+        session::run(&mut client, request, !args.settings.quiet, args.settings.output.as_deref()).await?;
     print_report(&report, args.settings.table)?;
     Ok(session::exit_code(&report))
 }
@@ -201,7 +206,8 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     params.insert("rounds".into(), args.rounds.into());
     let request = args.settings.request(input::generated_records(args.records), params);
     let mut client = session::connect(&pipeline.url()).await?;
-    let report = session::run(&mut client, request, !args.settings.quiet).await;
+    let report =
+        session::run(&mut client, request, !args.settings.quiet, args.settings.output.as_deref()).await;
     drop(client);
     pipeline.shutdown().await?;
     for p in processors {

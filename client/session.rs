@@ -5,7 +5,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use fanout::proto::pipeline_client::PipelineClient;
 use fanout::proto::{self, RecordStatus, run_event::Event};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use tonic::transport::Channel;
 
 /// Connects to a pipeline at `url` (`http://host:port` or `host:port`).
@@ -31,7 +31,14 @@ pub async fn run(
     client: &mut PipelineClient<Channel>,
     request: proto::RunRequest,
     progress: bool,
+    output: Option<&std::path::Path>,
 ) -> Result<proto::RunReport> {
+    let mut output = match output {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
     let total = request.records.len() as u64;
     let keep = !request.options.as_ref().is_some_and(|o| o.summary_only);
     let mut results = Vec::new();
@@ -58,6 +65,10 @@ pub async fn run(
                     bar.set_message(format!("{failed} failed"));
                 }
                 bar.inc(1);
+                if let Some(out) = &mut output {
+                    serde_json::to_writer(&mut *out, &crate::render::result_json(&r))?;
+                    out.write_all(b"\n")?;
+                }
                 if keep {
                     results.push(r);
                 }
@@ -69,6 +80,9 @@ pub async fn run(
         }
     };
     bar.finish_and_clear();
+    if let Some(mut out) = output {
+        out.flush().context("writing the results file")?;
+    }
     let mut report = report;
     if report.results_omitted {
         results.sort_by_key(|r| r.index);
@@ -85,7 +99,7 @@ fn progress_bar(total: u64, wanted: bool) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(
-            "{prefix} {bar:30.cyan/blue} {pos}/{len} records {msg} [{elapsed_precise}, {per_sec}]",
+            "{prefix} {bar:30.cyan/blue} {pos}/{len} records {msg} [{elapsed_precise}, {per_sec}, eta {eta}]",
         )
         .expect("valid template")
         .progress_chars("=> "),

@@ -251,3 +251,39 @@ async fn sigterm_drains_and_exits_zero() {
         assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_run_writes_each_result_to_an_ndjson_file_as_it_arrives() {
+    let a = processor();
+    let pipeline = pipeline(&[a.url()], "2s");
+    let dir = std::env::temp_dir().join(format!("fanout-output-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output) = (dir.join("in.ndjson"), dir.join("out.ndjson"));
+    let lines: Vec<String> = ids(25).iter().map(|id| format!("{{\"id\": \"{id}\"}}")).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+
+    let exe = env!("CARGO_BIN_EXE_fanout");
+    let run = Command::new(exe)
+        .args(["run", "--quiet", "--params", "{\"rounds\": 10}", "--output"])
+        .arg(&output)
+        .args(["--pipeline", &pipeline.url()])
+        .arg(&input)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run the client");
+    assert!(run.status.success(), "fanout run: {}", String::from_utf8_lossy(&run.stderr));
+
+    let written = std::fs::read_to_string(&output).unwrap();
+    let mut seen: Vec<String> = written
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("one JSON object per line");
+            assert_eq!(v["status"], "RECORD_STATUS_SUCCEEDED", "{l}");
+            v["record_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ids(25), "every record's result, once");
+    let _ = std::fs::remove_dir_all(&dir);
+}
