@@ -280,6 +280,22 @@ struct Outcome {
     wall: Duration,
 }
 
+impl Outcome {
+    /// The one-line summary both the normal runs and (d) print.
+    fn line(&self) -> String {
+        format!(
+            "accepted {} status {} error {:?} succeeded {} FAILED {} retries {} wall {:.3} s",
+            self.accepted,
+            self.status,
+            self.error,
+            self.succeeded,
+            self.failed,
+            self.retries,
+            self.wall.as_secs_f64()
+        )
+    }
+}
+
 /// Runs `req` and follows its stream to the report, or to its end or
 /// failure. Unbounded in time: callers put a timeout around it.
 async fn run_once(client: &mut PipelineClient<Channel>, req: proto::RunRequest) -> Outcome {
@@ -488,16 +504,7 @@ async fn normal_run(url: &str, label: &str) -> Result<()> {
     let req = request(records(50, None), None, proto::RunOptions::default());
     match tokio::time::timeout(Duration::from_secs(180), run_once(&mut c, req)).await {
         Ok(o) => {
-            println!(
-                "  {label}: accepted {} status {} error {:?} succeeded {} FAILED {} retries {} wall {:.3} s",
-                o.accepted,
-                o.status,
-                o.error,
-                o.succeeded,
-                o.failed,
-                o.retries,
-                o.wall.as_secs_f64()
-            );
+            println!("  {label}: {}", o.line());
             print_top(o.failures.into_iter());
         }
         Err(_) => println!("  {label}: no report within 180 s (gave up)"),
@@ -598,16 +605,7 @@ async fn scenario_d(fleet: &Fleet) -> Result<()> {
     let o = tokio::time::timeout(Duration::from_secs(120), run_once(&mut c, req))
         .await
         .map_err(|_| anyhow!("(d) no report in 120 s"))?;
-    println!(
-        "  accepted {} status {} error {:?} succeeded {} FAILED {} retries {} wall {:.3} s",
-        o.accepted,
-        o.status,
-        o.error,
-        o.succeeded,
-        o.failed,
-        o.retries,
-        o.wall.as_secs_f64()
-    );
+    println!("  {}", o.line());
     for (code, msg) in &o.failures {
         println!("    {code}: {msg}");
     }

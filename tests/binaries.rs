@@ -7,80 +7,8 @@ mod common;
 use common::*;
 use fanout::proto::run_event::Event;
 use fanout::proto::{self, RunOptions};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A child process killed (SIGKILL) and reaped when dropped, so a failing
-/// test never leaves servers behind.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    /// Starts `exe` with `args` and reads the bound address from its startup
-    /// line `NAME listening on ADDR`.
-    fn start(exe: &str, name: &str, args: &[&str]) -> Self {
-        let child = Command::new(exe)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {exe}: {e}"));
-        let mut server = Server { child, addr: "0.0.0.0:0".parse().unwrap() };
-        let stdout = server.child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        // Reads the startup line, then drains stdout until the child exits.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let prefix = format!("{name} listening on ");
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|e| panic!("{name} startup line: {e}"));
-            if let Some(addr) = line.strip_prefix(&prefix) {
-                server.addr = addr.trim().parse().unwrap_or_else(|e| panic!("{name} address {addr:?}: {e}"));
-                return server;
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    /// Waits (observing the child, under `limit`) for it to exit.
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "process {} did not exit within {limit:?}", self.pid());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn processor() -> Server {
     let exe = env!("CARGO_BIN_EXE_fanout-processor");
@@ -103,6 +31,35 @@ fn pipeline(processors: &[String], drain: &str) -> Server {
     Server::start(exe, "fanout-pipeline", &args)
 }
 
+/// Runs `req`, calls `mid_run` once its third result is in, and collects
+/// the whole stream (checked for shape, as [`run`] does).
+async fn run_interrupted(
+    client: &mut fanout::proto::pipeline_client::PipelineClient<tonic::transport::Channel>,
+    req: proto::RunRequest,
+    mid_run: impl FnOnce(),
+) -> Collected {
+    let mut stream = client.run(req).await.expect("Run").into_inner();
+    let first = stream.message().await.unwrap().expect("started");
+    let Some(Event::Started(started)) = first.event else { panic!("first event: {first:?}") };
+    let (mut records, mut progress) = (Vec::new(), Vec::new());
+    let mut mid_run = Some(mid_run);
+    let report = loop {
+        match stream.message().await.expect("stream").expect("report").event.unwrap() {
+            Event::Record(r) => records.push(r),
+            Event::Report(r) => break r,
+            Event::Started(_) => panic!("second started"),
+            Event::Progress(p) => progress.push(p),
+        }
+        if records.len() == 3
+            && let Some(act) = mid_run.take()
+        {
+            act();
+        }
+    };
+    assert!(mid_run.is_none(), "the run ended before the interruption");
+    Collected { started, records, report, progress }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_killed_mid_run_loses_no_record() {
     let a = processor();
@@ -120,28 +77,9 @@ async fn a_processor_killed_mid_run_loses_no_record() {
     let mut req = run_request(records(N));
     req.params = Some(rounds(ROUNDS));
     req.options = Some(RunOptions { max_in_flight: 8, ..Default::default() });
-    let collect = async {
-        let mut stream = client.run(req).await.expect("Run").into_inner();
-        let first = stream.message().await.unwrap().expect("started");
-        let Some(Event::Started(started)) = first.event else { panic!("first event: {first:?}") };
-        let mut records = Vec::new();
-        let mut killed_after = None;
-        let report = loop {
-            match stream.message().await.expect("stream").expect("report").event.unwrap() {
-                Event::Record(r) => records.push(r),
-                Event::Report(r) => break r,
-                Event::Started(_) => panic!("second started"),
-                Event::Progress(_) => {}
-            }
-            // Mid-run: after a few results, SIGKILL processor B.
-            if records.len() == 3 && killed_after.is_none() {
-                b.child.kill().expect("SIGKILL processor B");
-                killed_after = Some(records.len());
-            }
-        };
-        assert!(killed_after.is_some(), "B was killed before the run ended");
-        Collected { started, records, report, progress: Vec::new() }
-    };
+    // Mid-run: after a few results, SIGKILL processor B.
+    let kill_b = || b.child.kill().expect("SIGKILL processor B");
+    let collect = run_interrupted(&mut client, req, kill_b);
     let got = tokio::time::timeout(WAIT, collect).await.expect("run timed out");
     b.wait_exit(WAIT);
 
@@ -189,29 +127,9 @@ async fn a_processor_frozen_mid_run_loses_no_record() {
         let ok = Command::new("kill").args([sig, &server.pid()]).status().expect("kill").success();
         assert!(ok, "kill {sig} {}", server.pid());
     };
-    let collect = async {
-        let mut stream = client.run(req).await.expect("Run").into_inner();
-        let first = stream.message().await.unwrap().expect("started");
-        let Some(Event::Started(started)) = first.event else { panic!("first event: {first:?}") };
-        let mut records = Vec::new();
-        let mut frozen = false;
-        let report = loop {
-            match stream.message().await.expect("stream").expect("report").event.unwrap() {
-                Event::Record(r) => records.push(r),
-                Event::Report(r) => break r,
-                Event::Started(_) => panic!("second started"),
-                Event::Progress(_) => {}
-            }
-            // Mid-run: SIGSTOP processor B, which then neither answers nor
-            // closes its connections.
-            if records.len() == 3 && !frozen {
-                signal("-STOP", &b);
-                frozen = true;
-            }
-        };
-        assert!(frozen, "B was frozen before the run ended");
-        Collected { started, records, report, progress: Vec::new() }
-    };
+    // Mid-run: SIGSTOP processor B, which then neither answers nor closes
+    // its connections.
+    let collect = run_interrupted(&mut client, req, || signal("-STOP", &b));
     let got = tokio::time::timeout(WAIT, collect).await.expect("run timed out");
     assert!(
         started.elapsed() < Duration::from_secs(10),

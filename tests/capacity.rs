@@ -7,60 +7,13 @@
 mod common;
 
 use common::*;
-use fanout::domain::{JsonMap, Record};
 use fanout::proto::{self, DescribeRequest};
-use fanout::workload::{Cancel, Digest, Workload, WorkloadError};
+use fanout::workload::Digest;
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tonic::Code;
-
-/// Digest, counting the records it works on at once and in all.
-#[derive(Clone, Default)]
-struct Tracked {
-    active: Arc<AtomicUsize>,
-    peak: Arc<AtomicUsize>,
-    total: Arc<AtomicUsize>,
-    unit_time: Duration,
-}
-
-impl Workload for Tracked {
-    type Unit = fanout::workload::digest::DigestUnit;
-    type Output = u64;
-
-    fn name(&self) -> &str {
-        "tracked-digest"
-    }
-
-    fn extract(&self, record: &Record, params: &JsonMap) -> Result<Vec<Self::Unit>, WorkloadError> {
-        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-        self.total.fetch_add(1, Ordering::SeqCst);
-        Digest::default().extract(record, params)
-    }
-
-    fn process(&self, unit: Self::Unit, cancel: &Cancel) -> Result<u64, WorkloadError> {
-        if !self.unit_time.is_zero() {
-            // Work that takes the same wall time however busy the CPU is, so
-            // shares depend on slots alone.
-            std::thread::sleep(self.unit_time);
-        }
-        Digest::default().process(unit, cancel)
-    }
-
-    fn aggregate(&self, record: &Record, outputs: Vec<u64>) -> Result<JsonMap, WorkloadError> {
-        self.active.fetch_sub(1, Ordering::SeqCst);
-        Digest::default().aggregate(record, outputs)
-    }
-}
-
-fn capacity_config(unit_threads: usize, slots: usize) -> fanout::config::ProcessorConfig {
-    let mut cfg = processor_config();
-    cfg.unit_threads = Some(unit_threads);
-    cfg.slots = Some(slots);
-    cfg
-}
 
 /// [`run`] with a bound of our own, for runs bigger than most.
 async fn run_within(
@@ -76,7 +29,7 @@ async fn describe_reports_capacity_and_a_full_processor_refuses_not_started() {
     let script = Arc::new(Script::new());
     let gate = Gate::closed();
     let _open = gate.open_on_drop();
-    let mut cfg = capacity_config(1, 1);
+    let mut cfg = processor_config_with(1, 1);
     cfg.queue = Some(0);
     let p = start_processor_with(&cfg, TestWorkload::new("A", &script).gated(&gate)).await;
     let mut client = processor_client(&p.url).await;
@@ -117,7 +70,7 @@ async fn a_processor_queue_holds_records_until_a_slot_frees() {
     let script = Arc::new(Script::new());
     let gate = Gate::closed();
     let _open = gate.open_on_drop();
-    let mut cfg = capacity_config(1, 1);
+    let mut cfg = processor_config_with(1, 1);
     cfg.queue = Some(4);
     let p = start_processor_with(&cfg, TestWorkload::new("A", &script).gated(&gate)).await;
     let client = processor_client(&p.url).await;
@@ -141,10 +94,10 @@ async fn a_processor_queue_holds_records_until_a_slot_frees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_keeps_within_slots_and_shares_work_by_capacity() {
-    let timed = || Tracked { unit_time: Duration::from_millis(10), ..Tracked::default() };
+    let timed = || Tracked::slow(Duration::from_millis(10));
     let (small, big) = (timed(), timed());
-    let p1 = start_processor_with(&capacity_config(1, 1), small.clone()).await;
-    let p2 = start_processor_with(&capacity_config(2, 2), big.clone()).await;
+    let p1 = start_processor_with(&processor_config_with(1, 1), small.clone()).await;
+    let p2 = start_processor_with(&processor_config_with(2, 2), big.clone()).await;
     let pipeline = start_pipeline(&[p1.url.clone(), p2.url.clone()]).await;
     let mut client = pipeline_client(&pipeline.url()).await;
 
@@ -178,8 +131,8 @@ async fn the_pipeline_keeps_within_slots_and_shares_work_by_capacity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_thousand_records_in_flight_on_one_thread_processors_all_succeed() {
-    let p1 = start_processor_with(&capacity_config(1, 4), Digest::default()).await;
-    let p2 = start_processor_with(&capacity_config(1, 4), Digest::default()).await;
+    let p1 = start_processor_with(&processor_config_with(1, 4), Digest::default()).await;
+    let p2 = start_processor_with(&processor_config_with(1, 4), Digest::default()).await;
     let pipeline = start_pipeline(&[p1.url.clone(), p2.url.clone()]).await;
     let mut client = pipeline_client(&pipeline.url()).await;
     let n = 4096;
@@ -205,8 +158,8 @@ async fn four_thousand_records_in_flight_on_one_thread_processors_all_succeed() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_runs_are_all_accepted_and_succeed() {
-    let p1 = start_processor_with(&capacity_config(1, 4), Digest::default()).await;
-    let p2 = start_processor_with(&capacity_config(1, 4), Digest::default()).await;
+    let p1 = start_processor_with(&processor_config_with(1, 4), Digest::default()).await;
+    let p2 = start_processor_with(&processor_config_with(1, 4), Digest::default()).await;
     let pipeline = start_pipeline(&[p1.url.clone(), p2.url.clone()]).await;
     let client = pipeline_client(&pipeline.url()).await;
     let (runs, per_run) = (200, 100);
@@ -240,7 +193,7 @@ async fn a_small_run_is_not_starved_by_a_big_one() {
     // A big run fills every slot and queues 2,000 more attempts; a 1-record
     // run started after it gets a slot within a few records' time, not after
     // the big run's queue.
-    let p = start_processor_with(&capacity_config(1, 1), Digest::default()).await;
+    let p = start_processor_with(&processor_config_with(1, 1), Digest::default()).await;
     let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     let mut big_client = pipeline_client(&pipeline.url()).await;
     let mut req =

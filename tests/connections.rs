@@ -286,54 +286,18 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
-/// A child process killed and reaped when dropped.
-#[cfg(target_os = "linux")]
-struct Child(std::process::Child);
-
-#[cfg(target_os = "linux")]
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_a_server_backs_off_and_recovers() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Command;
 
     const LIMIT: usize = 64;
     let exe = env!("CARGO_BIN_EXE_fanout-pipeline");
     let script = format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\"");
     let args = ["-c", &script, exe, "--listen", "127.0.0.1:0", "--processors", "http://127.0.0.1:1"];
-    let mut child = Child(
-        Command::new("sh")
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn fanout-pipeline"),
-    );
-    let pid = child.0.id();
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let line = rx.recv_timeout(WAIT).expect("startup line");
-    let addr: SocketAddr = line
-        .strip_prefix("fanout-pipeline listening on ")
-        .unwrap_or_else(|| panic!("startup line: {line:?}"))
-        .trim()
-        .parse()
-        .expect("bound address");
+    // The real binary, under a descriptor limit set by a shell.
+    let server = Server::start("sh", "fanout-pipeline", &args);
+    let (pid, addr) = (server.child.id(), server.addr);
 
     // More connections than descriptors: the kernel completes them all (the
     // backlog is 1024) and the server accepts until it runs out.
@@ -365,7 +329,8 @@ async fn out_of_descriptors_a_server_backs_off_and_recovers() {
     let answer =
         tokio::time::timeout(WAIT, health.check(req)).await.expect("no health answer after recovery");
     answer.expect("health check after recovery");
-    assert!(child.0.try_wait().unwrap().is_none(), "the server is still running");
+    let mut server = server;
+    assert!(server.child.try_wait().unwrap().is_none(), "the server is still running");
 }
 
 // ------------------------------------------------- undecodable requests

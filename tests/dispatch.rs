@@ -15,16 +15,7 @@ async fn record_timeout_starts_when_the_attempt_is_dispatched() {
     // One slot: records wait their turn in the pipeline, each ~30-100 ms of
     // work; the whole run takes many times the record timeout, yet no
     // attempt times out, because none is timed while it waits.
-    let p = start_processor_with(
-        &{
-            let mut c = processor_config();
-            c.unit_threads = Some(1);
-            c.slots = Some(1);
-            c
-        },
-        Digest::default(),
-    )
-    .await;
+    let p = start_processor_with(&processor_config_with(1, 1), Digest::default()).await;
     let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     let mut client = pipeline_client(&pipeline.url()).await;
     let n = 40;

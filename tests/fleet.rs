@@ -5,11 +5,8 @@
 mod common;
 
 use common::*;
-use fanout::domain::{JsonMap, Record};
 use fanout::pipeline::discovery::Resolve;
 use fanout::proto;
-use fanout::workload::digest::DigestUnit;
-use fanout::workload::{Cancel, Digest, Workload, WorkloadError};
 use futures::future::BoxFuture;
 use serde_json::json;
 use std::net::SocketAddr;
@@ -33,39 +30,10 @@ impl Resolve for Dns {
     }
 }
 
-/// Digest whose every unit also takes `unit_time` of wall time, so a run
-/// lasts long enough to change the fleet under it, and shares depend on
-/// slots alone.
-#[derive(Clone)]
-struct Slow(Duration);
-
-impl Workload for Slow {
-    type Unit = DigestUnit;
-    type Output = u64;
-
-    fn name(&self) -> &str {
-        "slow-digest"
-    }
-
-    fn extract(&self, record: &Record, params: &JsonMap) -> Result<Vec<DigestUnit>, WorkloadError> {
-        Digest::default().extract(record, params)
-    }
-
-    fn process(&self, unit: DigestUnit, cancel: &Cancel) -> Result<u64, WorkloadError> {
-        std::thread::sleep(self.0);
-        Digest::default().process(unit, cancel)
-    }
-
-    fn aggregate(&self, record: &Record, outputs: Vec<u64>) -> Result<JsonMap, WorkloadError> {
-        Digest::default().aggregate(record, outputs)
-    }
-}
-
+/// A processor whose every unit also takes `unit_time` of wall time, so a
+/// run lasts long enough to change the fleet under it.
 async fn slow_processor(threads: usize, slots: usize, unit_time: Duration) -> Proc {
-    let mut cfg = processor_config();
-    cfg.unit_threads = Some(threads);
-    cfg.slots = Some(slots);
-    start_processor_with(&cfg, Slow(unit_time)).await
+    start_processor_with(&processor_config_with(threads, slots), Tracked::slow(unit_time)).await
 }
 
 /// A pipeline over `dns:///procs` resolved by `dns`, looked up every 50 ms.

@@ -91,6 +91,8 @@ pub struct Endpoint {
     pub url: String,
     /// `ADDRESS:PORT`.
     pub addr: String,
+    /// The same, to compare with lookups without formatting.
+    socket: SocketAddr,
     /// The configured `--processors` entry it came from.
     target: usize,
     calls: tonic::client::Grpc<Channel>,
@@ -134,6 +136,7 @@ impl Endpoint {
             id,
             url,
             addr: addr.to_string(),
+            socket: addr,
             target,
             calls,
             probes,
@@ -400,9 +403,9 @@ impl Lease {
         self.endpoint.id
     }
 
-    /// The instance as results name it ([`Endpoint::label`]).
-    pub fn label(&self) -> String {
-        self.endpoint.label()
+    /// The instance the slot is on.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
     }
 
     /// One `ProcessRecord` call bounded by `timeout`, which also travels as
@@ -593,16 +596,17 @@ impl Balancer {
         let mut left = 0;
         for ep in sched.endpoints.iter().filter(|e| e.target == target && !e.removed.load(Ordering::Relaxed))
         {
-            if !addrs.iter().any(|a| a.to_string() == ep.addr) {
+            if !addrs.contains(&ep.socket) {
                 ep.removed.store(true, Ordering::Relaxed);
                 info!(processor = %ep.addr, in_flight = ep.in_flight(), "processor left the resolved set; draining");
                 left += 1;
             }
         }
         for addr in addrs {
-            let known = sched.endpoints.iter().any(|e| {
-                e.target == target && !e.removed.load(Ordering::Relaxed) && e.addr == addr.to_string()
-            });
+            let known = sched
+                .endpoints
+                .iter()
+                .any(|e| e.target == target && !e.removed.load(Ordering::Relaxed) && e.socket == *addr);
             if known {
                 continue;
             }

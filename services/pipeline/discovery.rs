@@ -27,6 +27,10 @@ use tracing::{debug, warn};
 /// Shortest time between two lookups of the same names.
 const MIN_RESOLVE_GAP: Duration = Duration::from_secs(1);
 
+/// Longest a lookup may take (getaddrinfo's own retries are per
+/// `/etc/resolv.conf`, and may add up to much more).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Looks a name up: every address it has, for this port.
 pub trait Resolve: Send + Sync + 'static {
     /// The addresses of `host` (A and AAAA records, hosts file), with `port`.
@@ -114,7 +118,14 @@ impl Balancer {
         let mut failures = Vec::new();
         for (i, target) in self.targets().iter().enumerate() {
             let Some(name) = target.name() else { continue };
-            let answer = self.resolver().resolve(name, target.port).await;
+            let answer = tokio::time::timeout(LOOKUP_TIMEOUT, self.resolver().resolve(name, target.port))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer in {LOOKUP_TIMEOUT:?}"),
+                    ))
+                });
             match answer {
                 Ok(mut addrs) if !addrs.is_empty() => {
                     addrs.sort();

@@ -16,7 +16,7 @@
 //! the HTTP/2 connection shared with every other run). A client that takes
 //! nothing for the stalled-client timeout has its run cancelled.
 
-use super::balancer::{CallError, RunQueue};
+use super::balancer::{CallError, Endpoint, RunQueue};
 use super::report::{Abort, ReportBuilder};
 use super::retry::{Backoff, is_transient};
 use super::wire::ProcessRecordWire;
@@ -245,7 +245,8 @@ async fn execute_inner(
         if in_flight.is_empty() && outbox.queue.is_empty() {
             break;
         }
-        let stall_at = outbox.deadline();
+        // Events wait for a client that is not taking them: watch the stall.
+        let blocked = outbox.deadline().is_some();
         tokio::select! {
             biased;
             _ = control.client_gone.cancelled() => return gone(Gone::Left, &control),
@@ -254,7 +255,7 @@ async fn execute_inner(
                 abort = Some(Abort::Shutdown);
                 break;
             }
-            sent = outbox.send_one(), if stall_at.is_some() => {
+            sent = outbox.send_one(), if blocked => {
                 if let Err(why) = sent {
                     return gone(why, &control);
                 }
@@ -342,16 +343,20 @@ async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> Re
     };
     let mut avoid = None;
     let mut not_started = 0;
-    let mut processor = String::new();
+    // Attempts made so far (sends refused as not started excluded), and the
+    // instance of the last one (named in the result, formatted only then).
+    let mut made = 0;
+    let mut last: Option<Arc<Endpoint>> = None;
+    let processor = |last: &Option<Arc<Endpoint>>| last.as_ref().map(|e| e.label()).unwrap_or_default();
     loop {
-        let attempt = req.attempt + 1;
+        let attempt = made + 1;
         let failure = match ctx.queue.acquire(avoid).await {
             // No instance is up: this counts as a failed attempt.
             Err(e) => tonic::Status::from(e),
             Ok(lease) => {
                 req.attempt = attempt;
                 ctx.attempts[index].store(attempt, Ordering::Relaxed);
-                processor = lease.label();
+                last = Some(lease.endpoint().clone());
                 avoid = Some(lease.endpoint_id());
                 match lease.process(req.clone(), ctx.record_timeout).await {
                     Ok(resp) => {
@@ -359,27 +364,22 @@ async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> Re
                             output: resp.output.unwrap_or_default(),
                             units_processed: resp.units_processed,
                         };
-                        return result(record_id, index, outcome, attempt, processor, started);
+                        return result(record_id, index, outcome, attempt, processor(&last), started);
                     }
-                    Err(CallError::NotStarted(status)) => {
+                    // Not an attempt: the processor never began it.
+                    Err(CallError::NotStarted(_)) if not_started < MAX_NOT_STARTED => {
                         not_started += 1;
-                        if not_started <= MAX_NOT_STARTED {
-                            // Not an attempt: the processor never began it.
-                            req.attempt -= 1;
-                            drop(lease);
-                            debug!(record_id = ?record_id, processor = %processor, "processor full; record not started, sent again");
-                            tokio::time::sleep(ctx.backoff.delay(1)).await;
-                            continue;
-                        }
-                        status
+                        drop(lease);
+                        debug!(record_id = ?record_id, processor = %processor(&last), "record not started; sent again");
+                        tokio::time::sleep(ctx.backoff.delay(1)).await;
+                        continue;
                     }
-                    Err(CallError::Failed(status)) => status,
+                    Err(CallError::NotStarted(status) | CallError::Failed(status)) => status,
                 }
             }
         };
-        let attempt = attempt.max(1);
+        made = attempt;
         ctx.attempts[index].store(attempt, Ordering::Relaxed);
-        req.attempt = attempt;
         not_started = 0;
         let code = failure.code();
         if is_transient(code) && attempt < ctx.max_attempts {
@@ -387,7 +387,7 @@ async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> Re
             debug!(
                 record_id = ?record_id,
                 attempt,
-                processor = %processor,
+                processor = %processor(&last),
                 error = %failure.message(),
                 code = ?code,
                 delay_ms = delay.as_millis() as u64,
@@ -398,7 +398,7 @@ async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> Re
         }
         debug!(record_id = ?record_id, attempt, code = ?code, error = %failure.message(), "record failed");
         let outcome = Outcome::Failed(Failure { code, message: failure.message().to_owned() });
-        return result(record_id, index, outcome, attempt, processor, started);
+        return result(record_id, index, outcome, attempt, processor(&last), started);
     }
 }
 

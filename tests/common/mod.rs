@@ -19,9 +19,13 @@ use fanout::workload::digest::{DigestUnit, default_unit_count, unit_value};
 use fanout::workload::{Cancel, Digest, Workload, WorkloadError};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::AtomicU64;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tonic::transport::Channel;
 
 /// Upper bound on anything a test waits for; only reached when a test fails.
@@ -537,5 +541,134 @@ impl Workload for TestWorkload {
 
     fn aggregate(&self, record: &Record, outputs: Vec<u64>) -> Result<JsonMap, WorkloadError> {
         Digest::default().aggregate(record, outputs)
+    }
+}
+
+/// Digest, counting the records it works on at once and in all, each unit
+/// optionally taking `unit_time` of wall time too.
+#[derive(Clone, Default)]
+pub struct Tracked {
+    pub active: Arc<AtomicUsize>,
+    pub peak: Arc<AtomicUsize>,
+    pub total: Arc<AtomicUsize>,
+    /// Wall time each unit also takes (slept), so shares depend on slots
+    /// alone and a run lasts long enough to change things under it.
+    pub unit_time: Duration,
+}
+
+impl Workload for Tracked {
+    type Unit = DigestUnit;
+    type Output = u64;
+
+    fn name(&self) -> &str {
+        "tracked-digest"
+    }
+
+    fn extract(&self, record: &Record, params: &JsonMap) -> Result<Vec<Self::Unit>, WorkloadError> {
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        self.total.fetch_add(1, Ordering::SeqCst);
+        Digest::default().extract(record, params)
+    }
+
+    fn process(&self, unit: Self::Unit, cancel: &Cancel) -> Result<u64, WorkloadError> {
+        if !self.unit_time.is_zero() {
+            // Work that takes the same wall time however busy the CPU is, so
+            // shares depend on slots alone.
+            std::thread::sleep(self.unit_time);
+        }
+        Digest::default().process(unit, cancel)
+    }
+
+    fn aggregate(&self, record: &Record, outputs: Vec<u64>) -> Result<JsonMap, WorkloadError> {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        Digest::default().aggregate(record, outputs)
+    }
+}
+
+impl Tracked {
+    /// Counting, every unit also taking `unit_time`.
+    pub fn slow(unit_time: Duration) -> Self {
+        Self { unit_time, ..Self::default() }
+    }
+}
+
+/// A processor config on an ephemeral loopback port with this many unit
+/// threads and slots.
+pub fn processor_config_with(unit_threads: usize, slots: usize) -> ProcessorConfig {
+    let mut cfg = processor_config();
+    cfg.unit_threads = Some(unit_threads);
+    cfg.slots = Some(slots);
+    cfg
+}
+
+// ------------------------------------------------------------ binaries
+
+/// A server binary in a child process, killed (SIGKILL) and reaped when
+/// dropped, so a failing test never leaves servers behind.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts `exe` with `args` and reads the bound address from its startup
+    /// line `NAME listening on ADDR`.
+    pub fn start(exe: &str, name: &str, args: &[&str]) -> Self {
+        let child = Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {exe}: {e}"));
+        let mut server = Server { child, addr: "0.0.0.0:0".parse().unwrap() };
+        let stdout = server.child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        // Reads the startup line, then drains stdout until the child exits.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let prefix = format!("{name} listening on ");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|e| panic!("{name} startup line: {e}"));
+            if let Some(addr) = line.strip_prefix(&prefix) {
+                server.addr = addr.trim().parse().unwrap_or_else(|e| panic!("{name} address {addr:?}: {e}"));
+                return server;
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Waits (observing the child, under `limit`) for it to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process {} did not exit within {limit:?}", self.pid());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
