@@ -254,6 +254,21 @@ impl RecordProcessor for Noop {
         Ok(tonic::Response::new(proto::ProcessRecordResponse { record_id: id, ..Default::default() }))
     }
 
+    async fn process_batch(
+        &self,
+        request: tonic::Request<proto::ProcessBatchRequest>,
+    ) -> Result<tonic::Response<proto::ProcessBatchResponse>, tonic::Status> {
+        let results = (request.into_inner().records.into_iter())
+            .map(|r| proto::BatchItem {
+                outcome: Some(proto::batch_item::Outcome::Processed(proto::ProcessRecordResponse {
+                    record_id: r.id,
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        Ok(tonic::Response::new(proto::ProcessBatchResponse { results }))
+    }
+
     async fn describe(
         &self,
         _request: tonic::Request<proto::DescribeRequest>,
@@ -263,6 +278,7 @@ impl RecordProcessor for Noop {
         Ok(tonic::Response::new(proto::DescribeResponse {
             name: "noop".into(),
             slots: 4096,
+            max_batch_size: fanout::domain::MAX_BATCH_SIZE as u32,
             ..Default::default()
         }))
     }
@@ -371,7 +387,7 @@ async fn timed_run(
     client: &mut PipelineClient<Channel>,
     req: proto::RunRequest,
 ) -> Result<(proto::RunReport, Duration)> {
-    let n = req.records.len() as u32;
+    let n = req.records.len() as u64;
     let t = Instant::now();
     let report = session::run(client, req, false, None).await?;
     let wall = t.elapsed();
@@ -713,7 +729,7 @@ async fn scale(args: &BenchArgs, table: &mut Table) -> Result<()> {
         n as f64 / wall.as_secs_f64(),
         "records/s",
     );
-    table.add("scale", "records accounted for", f64::from(s.total_records_processed), "records");
+    table.add("scale", "records accounted for", s.total_records_processed as f64, "records");
     table.add("scale", "pipeline peak RSS before the run", idle, "MiB");
     table.add("scale", "pipeline peak RSS (an absolute bound, no baseline)", peak, "MiB");
     table.target("<= 256 MiB", peak <= 256.0);

@@ -324,7 +324,7 @@ async fn run_once(client: &mut PipelineClient<Channel>, req: proto::RunRequest) 
                 }
                 Some(Event::Report(rep)) => {
                     out.status = format!("{:?}", rep.status());
-                    out.retries = rep.summary.map_or(0, |s| u64::from(s.retries));
+                    out.retries = rep.summary.map_or(0, |s| s.retries);
                     break;
                 }
                 _ => {}

@@ -159,6 +159,7 @@ impl RunSettings {
                 tolerated_failures: self.tolerated_failures,
                 tolerated_failure_percentage: self.tolerated_failure_percentage,
                 summary_only: self.summary_only,
+                max_batch_size: 0,
             }),
         }
     }

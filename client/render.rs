@@ -57,7 +57,7 @@ pub fn report_json(r: &proto::RunReport) -> Value {
 pub fn report_table(r: &proto::RunReport) -> String {
     let s = r.summary.unwrap_or_default();
     let secs = seconds(&r.elapsed);
-    let rate = if secs > 0.0 { f64::from(s.total_records_processed) / secs } else { 0.0 };
+    let rate = if secs > 0.0 { s.total_records_processed as f64 / secs } else { 0.0 };
     let mut out = format!(
         "run       {}\nstatus    {}\nrecords   {} processed: {} succeeded, {} failed ({} retries)\n\
          units     {} ({:.1} per record)\nelapsed   {:.3}s ({:.0} records/s)\ngenerated {}\n",

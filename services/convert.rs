@@ -5,7 +5,7 @@
 
 use crate::config::RunLimits;
 use crate::domain::{
-    Failure, JsonMap, Outcome, Record, RecordOutput, RecordResult, RecordTask, RunEvent, RunOptions,
+    Failure, MAX_BATCH_SIZE, JsonMap, Outcome, Record, RecordOutput, RecordResult, RecordTask, RunEvent, RunOptions,
     RunRecord, RunReport, RunSpec, RunStatus, UnitMode,
 };
 use crate::error::Error;
@@ -218,6 +218,18 @@ fn run_options_from_proto(o: proto::RunOptions, limits: &RunLimits) -> Result<Ru
             p => p,
         },
         summary_only: o.summary_only,
+        max_batch_size: match o.max_batch_size as usize {
+            0 => 1,
+            n if n > MAX_BATCH_SIZE => {
+                return Err(Error::LimitExceeded {
+                    what: "options.max_batch_size".into(),
+                    got: n as u64,
+                    limit: MAX_BATCH_SIZE as u64,
+                    setting: "the protocol",
+                });
+            }
+            n => n,
+        },
     })
 }
 
@@ -330,7 +342,7 @@ pub fn record_result_to_proto(r: RecordResult) -> proto::RecordResult {
     };
     proto::RecordResult {
         record_id: r.record_id,
-        index: r.index as u32,
+        index: r.index,
         status: status as i32,
         output,
         units_processed,
@@ -374,6 +386,7 @@ pub fn report_to_proto(r: RunReport) -> proto::RunReport {
         generated_at: Some(timestamp_to_proto(r.generated_at)),
         elapsed: Some(duration_to_proto(r.elapsed)),
         results_omitted: false,
+        failures_omitted: r.failures_omitted,
     };
     // Every result already went out as a `record` event; a report that would
     // not fit in one message of a default client is sent without them.
@@ -405,6 +418,7 @@ pub fn event_to_proto(e: RunEvent) -> proto::RunEvent {
             records_in_flight: p.records_in_flight,
             record_count: p.record_count,
             elapsed: Some(duration_to_proto(p.elapsed)),
+            records_received: p.records_received,
         }),
     };
     proto::RunEvent { event: Some(event) }

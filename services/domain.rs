@@ -9,6 +9,9 @@ use prost::bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// Most records one `ProcessBatch` call carries (both sides enforce it).
+pub const MAX_BATCH_SIZE: usize = 1024;
+
 /// A JSON object: a record's attributes, a run's params, a record's output.
 pub type JsonMap = serde_json::Map<String, serde_json::Value>;
 
@@ -103,6 +106,8 @@ pub struct RunOptions {
     pub tolerated_failure_percentage: Option<f64>,
     /// Leave per-record results out of the report.
     pub summary_only: bool,
+    /// Most records per processor call (≥ 1).
+    pub max_batch_size: usize,
 }
 
 /// A gRPC status code and message, as recorded for a failed record.
@@ -134,7 +139,7 @@ pub struct RecordResult {
     /// The record's id.
     pub record_id: String,
     /// The record's input position.
-    pub index: usize,
+    pub index: u64,
     /// How it ended.
     pub outcome: Outcome,
     /// Attempts made (0 when cancelled before the first).
@@ -162,17 +167,17 @@ pub enum RunStatus {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunSummary {
     /// Records with a final result.
-    pub total_records_processed: u32,
+    pub total_records_processed: u64,
     /// Units over the succeeded records.
     pub total_units_processed: u64,
     /// Units per succeeded record.
     pub average_units_per_record: f64,
     /// Records that failed (cancelled included).
-    pub records_failed: u32,
+    pub records_failed: u64,
     /// Records that succeeded.
-    pub records_succeeded: u32,
+    pub records_succeeded: u64,
     /// Attempts beyond each record's first.
-    pub retries: u32,
+    pub retries: u64,
 }
 
 /// The final report of a run.
@@ -184,8 +189,11 @@ pub struct RunReport {
     pub status: RunStatus,
     /// Totals.
     pub summary: RunSummary,
-    /// Per-record results in input order (empty with `summary_only`).
+    /// Per-record results in input order (empty with `summary_only`); for
+    /// a streamed run, the failed records only, in the order they failed.
     pub results: Vec<RecordResult>,
+    /// Failed records left out of `results` of a streamed run.
+    pub failures_omitted: u64,
     /// When the report was generated.
     pub generated_at: SystemTime,
     /// Wall time of the run.
@@ -199,8 +207,8 @@ pub enum RunEvent {
     Started {
         /// The run id.
         run_id: String,
-        /// Input records.
-        record_count: u32,
+        /// Input records (0 when not known yet: a streamed run).
+        record_count: u64,
         /// Processor instances configured.
         processor_count: u32,
         /// Start time.
@@ -217,16 +225,18 @@ pub enum RunEvent {
 /// A run's counts at one moment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunProgress {
+    /// Records read from the input.
+    pub records_received: u64,
     /// Records started (first attempt made or waiting for a slot).
-    pub records_dispatched: u32,
+    pub records_dispatched: u64,
     /// Records that succeeded.
-    pub records_succeeded: u32,
+    pub records_succeeded: u64,
     /// Records that failed.
-    pub records_failed: u32,
+    pub records_failed: u64,
     /// Records started and not finished.
-    pub records_in_flight: u32,
-    /// Input records.
-    pub record_count: u32,
+    pub records_in_flight: u64,
+    /// Input records (0 while not known: a streamed run's input goes on).
+    pub record_count: u64,
     /// Since the run started.
     pub elapsed: Duration,
 }

@@ -154,6 +154,13 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
         Ok(Response::new(convert::record_output_to_proto(record_id, output, &self.description.name)))
     }
 
+    async fn process_batch(
+        &self,
+        _request: Request<proto::ProcessBatchRequest>,
+    ) -> Result<Response<proto::ProcessBatchResponse>, Status> {
+        Err(Status::unimplemented("ProcessBatch: not served yet"))
+    }
+
     async fn describe(
         &self,
         _request: Request<proto::DescribeRequest>,
@@ -169,6 +176,7 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
             queue: c.queue as u32,
             max_units_per_record: d.max_units_per_record as u32,
             max_message_bytes: d.max_message_bytes as u64,
+            max_batch_size: 0,
         }))
     }
 }

@@ -43,7 +43,7 @@ async fn run_mode(
 
     // started
     assert_eq!(got.started.run_id, format!("exactly-once-{}", mode.as_str_name()));
-    assert_eq!(got.started.record_count, N as u32);
+    assert_eq!(got.started.record_count, N as u64);
     assert_eq!(got.started.processor_count, urls.len() as u32);
     assert_recent(got.started.started_at.as_ref().expect("started_at"), "started_at");
 
@@ -69,8 +69,8 @@ async fn run_mode(
     assert_eq!(got.report.run_id, got.started.run_id);
     assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
     let s = got.summary();
-    assert_eq!(s.total_records_processed, N as u32);
-    assert_eq!(s.records_succeeded, N as u32);
+    assert_eq!(s.total_records_processed, N as u64);
+    assert_eq!(s.records_succeeded, N as u64);
     assert_eq!(s.records_failed, 0);
     assert_eq!(s.retries, 0);
     assert_eq!(s.total_units_processed, total_units);
@@ -143,8 +143,8 @@ async fn summary_only_leaves_results_out_but_keeps_the_summary() {
     }
     let s = got.summary();
     assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
-    assert_eq!(s.total_records_processed, N as u32);
-    assert_eq!(s.records_succeeded, N as u32);
+    assert_eq!(s.total_records_processed, N as u64);
+    assert_eq!(s.records_succeeded, N as u64);
     assert_eq!(s.total_units_processed, total);
     assert!((s.average_units_per_record - total as f64 / N as f64).abs() < 1e-9);
     assert_eq!((s.records_failed, s.retries), (0, 0));

@@ -263,7 +263,7 @@ async fn a_run_still_going_at_the_drain_timeout_is_cancelled_and_reports_every_r
     for r in &got.records {
         assert_failed(r, Code::Cancelled, &["shutting down"], r.attempts);
     }
-    assert_eq!(got.summary().records_failed, N as u32);
+    assert_eq!(got.summary().records_failed, N as u64);
     tokio::time::timeout(WAIT, pipeline.wait()).await.expect("shutdown timed out").expect("shutdown Ok");
     wait_until("the processor to see its calls cancelled", || get(&p.stats.records_cancelled) == 2).await;
 }

@@ -121,6 +121,14 @@ impl futures::Stream for RunStream {
 #[tonic::async_trait]
 impl proto::pipeline_server::Pipeline for PipelineService {
     type RunStream = RunStream;
+    type RunStreamStream = RunStream;
+
+    async fn run_stream(
+        &self,
+        _request: Request<tonic::Streaming<proto::RunInput>>,
+    ) -> Result<Response<RunStream>, Status> {
+        Err(Status::unimplemented("RunStream: not served yet"))
+    }
 
     async fn run(&self, request: Request<proto::RunRequest>) -> Result<Response<RunStream>, Status> {
         // The request's share of the memory budget (taken while it was

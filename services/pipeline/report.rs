@@ -42,12 +42,12 @@ impl ReportBuilder {
     /// Records one result. Returns `false` (and records nothing) if that
     /// record already has one: a record is reported exactly once.
     pub fn add(&mut self, r: &RecordResult) -> bool {
-        if std::mem::replace(&mut self.done[r.index], true) {
+        if std::mem::replace(&mut self.done[r.index as usize], true) {
             return false;
         }
         let s = &mut self.summary;
         s.total_records_processed += 1;
-        s.retries += r.attempts.saturating_sub(1);
+        s.retries += u64::from(r.attempts.saturating_sub(1));
         match &r.outcome {
             Outcome::Succeeded { units_processed, .. } => {
                 s.records_succeeded += 1;
@@ -56,18 +56,18 @@ impl ReportBuilder {
             Outcome::Failed(_) => s.records_failed += 1,
         }
         if let Some(results) = &mut self.results {
-            results[r.index] = Some(r.clone());
+            results[r.index as usize] = Some(r.clone());
         }
         true
     }
 
     /// Records failed so far.
-    pub fn failed(&self) -> u32 {
+    pub fn failed(&self) -> u64 {
         self.summary.records_failed
     }
 
     /// Records succeeded so far.
-    pub fn succeeded(&self) -> u32 {
+    pub fn succeeded(&self) -> u64 {
         self.summary.records_succeeded
     }
 
@@ -81,7 +81,7 @@ impl ReportBuilder {
     pub fn cancelled(&self, index: usize, reason: &str, attempts: u32) -> RecordResult {
         RecordResult {
             record_id: self.ids[index].clone(),
-            index,
+            index: index as u64,
             outcome: Outcome::Failed(Failure { code: tonic::Code::Cancelled, message: reason.to_owned() }),
             attempts,
             processor: String::new(),
@@ -95,7 +95,7 @@ impl ReportBuilder {
         summary.average_units_per_record = if summary.records_succeeded == 0 {
             0.0
         } else {
-            summary.total_units_processed as f64 / f64::from(summary.records_succeeded)
+            summary.total_units_processed as f64 / summary.records_succeeded as f64
         };
         let status = match abort {
             Some(Abort::Shutdown) => RunStatus::Cancelled,
@@ -109,6 +109,7 @@ impl ReportBuilder {
             status,
             summary,
             results: self.results.map(|r| r.into_iter().flatten().collect()).unwrap_or_default(),
+            failures_omitted: 0,
             generated_at: SystemTime::now(),
             elapsed: self.started.elapsed(),
         }
@@ -122,7 +123,7 @@ mod tests {
     fn result(index: usize, ok: bool, attempts: u32) -> RecordResult {
         RecordResult {
             record_id: format!("r{index}"),
-            index,
+            index: index as u64,
             outcome: if ok {
                 Outcome::Succeeded { output: Default::default(), units_processed: 10 }
             } else {

@@ -194,7 +194,7 @@ async fn execute_inner(
     };
     let started = RunEvent::Started {
         run_id: spec.run_id.clone(),
-        record_count: n as u32,
+        record_count: n as u64,
         processor_count: processor_count as u32,
         started_at: SystemTime::now(),
     };
@@ -230,7 +230,7 @@ async fn execute_inner(
         control.progress_interval,
     );
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut dispatched = 0u32;
+    let mut dispatched = 0u64;
     let mut pending = spec.records.into_iter().enumerate();
     let mut in_flight = FuturesUnordered::new();
     let mut abort = None;
@@ -239,7 +239,7 @@ async fn execute_inner(
         // always read. max(1): a limit of 0 must not strand records.
         while in_flight.len() < opts.max_in_flight.max(1) && outbox.queue.len() < OUTBOX_LIMIT {
             let Some((index, record)) = pending.next() else { break };
-            in_flight.push(process_record(ctx.clone(), index, record));
+            in_flight.push(process_record(ctx.clone(), index as u64, record));
             dispatched += 1;
         }
         if in_flight.is_empty() && outbox.queue.is_empty() {
@@ -262,11 +262,12 @@ async fn execute_inner(
             }
             _ = progress.tick() => {
                 outbox.offer(RunEvent::Progress(RunProgress {
+                    records_received: n as u64,
                     records_dispatched: dispatched,
                     records_succeeded: report.succeeded(),
                     records_failed: report.failed(),
-                    records_in_flight: in_flight.len() as u32,
-                    record_count: n as u32,
+                    records_in_flight: in_flight.len() as u64,
+                    record_count: n as u64,
                     elapsed: run_started.elapsed(),
                 }));
             }
@@ -275,7 +276,7 @@ async fn execute_inner(
                 if let Err(why) = outbox.push(RunEvent::Record(result)) {
                     return gone(why, &control);
                 }
-                if tolerated.is_some_and(|t| report.failed() > t) {
+                if tolerated.is_some_and(|t| report.failed() > u64::from(t)) {
                     warn!(failed = report.failed(), tolerated, "too many failed records; run aborted");
                     abort = Some(Abort::TooManyFailures);
                     break;
@@ -331,7 +332,7 @@ fn gone(why: Gone, control: &RunControl) {
 /// One record's sub-pipeline: attempts until success, a permanent failure, or
 /// `max_attempts`, each on a free slot of the least-loaded instance, avoiding
 /// the last one. The attempt's timeout starts when it has its slot.
-async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> RecordResult {
+async fn process_record(ctx: Arc<RunCtx>, index: u64, record: RunRecord) -> RecordResult {
     let started = Instant::now();
     let record_id = record.id;
     let mut req = ProcessRecordWire {
@@ -355,7 +356,7 @@ async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> Re
             Err(e) => tonic::Status::from(e),
             Ok(lease) => {
                 req.attempt = attempt;
-                ctx.attempts[index].store(attempt, Ordering::Relaxed);
+                ctx.attempts[index as usize].store(attempt, Ordering::Relaxed);
                 last = Some(lease.endpoint().clone());
                 avoid = Some(lease.endpoint_id());
                 match lease.process(req.clone(), ctx.record_timeout).await {
@@ -379,7 +380,7 @@ async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> Re
             }
         };
         made = attempt;
-        ctx.attempts[index].store(attempt, Ordering::Relaxed);
+        ctx.attempts[index as usize].store(attempt, Ordering::Relaxed);
         not_started = 0;
         let code = failure.code();
         if is_transient(code) && attempt < ctx.max_attempts {
@@ -404,7 +405,7 @@ async fn process_record(ctx: Arc<RunCtx>, index: usize, record: RunRecord) -> Re
 
 fn result(
     record_id: String,
-    index: usize,
+    index: u64,
     outcome: Outcome,
     attempts: u32,
     processor: String,

@@ -238,7 +238,7 @@ impl Collected {
         );
         let succeeded = self.records.iter().filter(|r| r.status() == proto::RecordStatus::Succeeded).count();
         assert_eq!(s.records_succeeded as usize, succeeded, "summary.records_succeeded");
-        let retries: u32 = self.records.iter().map(|r| r.attempts.saturating_sub(1)).sum();
+        let retries: u64 = self.records.iter().map(|r| u64::from(r.attempts.saturating_sub(1))).sum();
         assert_eq!(s.retries, retries, "summary.retries = attempts beyond the first");
         if !self.report.results.is_empty() {
             assert_eq!(self.report.results.len(), ids.len(), "report.results has every record");
