@@ -136,12 +136,13 @@ where
     }
 }
 
-/// A request body that takes budget for its message as soon as the gRPC
+/// A request body that takes budget for each message as soon as its gRPC
 /// frame header (5 bytes: flag, then the length) has arrived, all at once,
 /// so that concurrent large requests are each admitted whole or refused at
 /// their first bytes, rather than all taking part of the budget and all
-/// failing halfway. Bytes beyond the announced length (there should be
-/// none) take budget as they come. When tonic drops the body after
+/// failing halfway. In a streamed request, a message's bytes are given back
+/// when the next message's header arrives (tonic reads on only once the
+/// handler has taken the message before). When tonic drops the body after
 /// decoding, what it holds moves to the request's [`HeldBudget`].
 struct BudgetedBody {
     inner: Body,
@@ -151,12 +152,21 @@ struct BudgetedBody {
     setting: &'static str,
     deposit: Option<HeldBudget>,
     held: Option<OwnedSemaphorePermit>,
-    /// The gRPC frame header, as far as it has arrived.
+    /// Where in the framing the next byte falls.
+    state: Framing,
+    /// The current frame header, as far as it has arrived.
     header: [u8; 5],
-    /// Bytes received so far.
-    seen: usize,
-    /// Bytes the budget held covers.
-    covered: usize,
+}
+
+/// Where a request body is in its gRPC framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes of a frame header have arrived.
+    Header(usize),
+    /// This many bytes of the current message are still to come.
+    Payload(usize),
+    /// A message over the limit was announced: tonic refuses the request.
+    Refused,
 }
 
 impl BudgetedBody {
@@ -169,35 +179,45 @@ impl BudgetedBody {
             setting: "--run-memory-budget",
             deposit: None,
             held: None,
+            state: Framing::Header(0),
             header: [0; 5],
-            seen: 0,
-            covered: 0,
         }
     }
 
-    /// Accounts for `data`; `Err` when the budget has no room for it.
-    fn account(&mut self, data: &[u8]) -> Result<(), tonic::Status> {
-        let before = self.seen;
-        self.seen += data.len();
-        if before < 5 {
-            let n = (5 - before).min(data.len());
-            self.header[before..before + n].copy_from_slice(&data[..n]);
-            if self.seen >= 5 {
-                let len =
-                    u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
-                if len as usize > self.max_message {
-                    // tonic refuses it at once, naming --max-message-bytes.
-                    self.covered = usize::MAX;
-                    return Ok(());
+    /// Accounts for `data`; `Err` when the budget has no room for a message
+    /// it announces.
+    fn account(&mut self, mut data: &[u8]) -> Result<(), tonic::Status> {
+        while !data.is_empty() {
+            match self.state {
+                Framing::Refused => return Ok(()),
+                Framing::Payload(left) => {
+                    let n = left.min(data.len());
+                    data = &data[n..];
+                    self.state = if n == left { Framing::Header(0) } else { Framing::Payload(left - n) };
                 }
-                self.covered = 5 + len as usize;
-                self.take(self.covered)?;
+                Framing::Header(got) => {
+                    let n = (5 - got).min(data.len());
+                    self.header[got..got + n].copy_from_slice(&data[..n]);
+                    data = &data[n..];
+                    if got + n < 5 {
+                        self.state = Framing::Header(got + n);
+                        continue;
+                    }
+                    let len =
+                        u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]])
+                            as usize;
+                    if len > self.max_message {
+                        // tonic refuses it at once, naming --max-message-bytes.
+                        self.state = Framing::Refused;
+                        return Ok(());
+                    }
+                    // The message before this one has been taken by the
+                    // handler: its bytes go back before this one's are taken.
+                    self.held = None;
+                    self.take(5 + len)?;
+                    self.state = if len == 0 { Framing::Header(0) } else { Framing::Payload(len) };
+                }
             }
-        }
-        if self.seen > self.covered.max(5) {
-            let extra = self.seen - self.covered.max(5);
-            self.covered = self.seen;
-            self.take(extra)?;
         }
         Ok(())
     }
@@ -205,10 +225,7 @@ impl BudgetedBody {
     fn take(&mut self, bytes: usize) -> Result<(), tonic::Status> {
         match take(&self.memory, bytes.saturating_mul(DECODE_FACTOR)) {
             Some(Some(permit)) => {
-                match &mut self.held {
-                    Some(held) => held.merge(permit),
-                    None => self.held = Some(permit),
-                }
+                self.held = Some(permit);
                 Ok(())
             }
             Some(None) => Ok(()),
@@ -282,9 +299,19 @@ mod tests {
         assert_eq!(memory.available_permits(), 6400 - 50 * 64);
         body.account(&[0; 43]).unwrap();
         assert_eq!(memory.available_permits(), 6400 - 50 * 64, "the rest was covered");
+        // A streamed request: the next message (10 bytes, then 20) replaces
+        // the one before in the budget, its header split across chunks.
+        body.account(&[0, 0, 0, 0, 5, 1, 2, 3]).unwrap();
+        assert_eq!(memory.available_permits(), 6400 - 10 * 64, "the first message given back");
+        body.account(&[4, 5, 0, 0, 0]).unwrap();
+        body.account(&[0, 15]).unwrap();
+        assert_eq!(memory.available_permits(), 6400 - 20 * 64);
+        body.account(&[0; 15]).unwrap();
+        body.account(&[0, 0, 0, 0, 0]).unwrap();
+        assert_eq!(memory.available_permits(), 6400 - 5 * 64, "an empty message takes its header");
         // A second request announcing more than is left is refused at once.
         let mut other = BudgetedBody::new(Body::empty(), memory.clone(), 6400, 1000);
-        let err = other.account(&[0, 0, 0, 0, 60]).unwrap_err();
+        let err = other.account(&[0, 0, 0, 0, 99]).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert!(err.message().contains("--run-memory-budget"), "{}", err.message());
         // Over the message limit: left to tonic's INVALID_ARGUMENT.

@@ -5,8 +5,8 @@
 
 use crate::config::RunLimits;
 use crate::domain::{
-    Failure, MAX_BATCH_SIZE, JsonMap, Outcome, Record, RecordOutput, RecordResult, RecordTask, RunEvent, RunOptions,
-    RunRecord, RunReport, RunSpec, RunStatus, UnitMode,
+    Failure, JsonMap, MAX_BATCH_SIZE, Outcome, Record, RecordOutput, RecordResult, RecordTask, RunEvent,
+    RunOptions, RunRecord, RunReport, RunSpec, RunStatus, UnitMode,
 };
 use crate::error::Error;
 use crate::pipeline::wire;
@@ -97,8 +97,12 @@ pub fn unit_mode_to_proto(mode: UnitMode) -> proto::UnitMode {
     }
 }
 
-/// Validates a `RunRequest` against the pipeline's limits and applies defaults.
-pub fn run_spec_from_proto(req: proto::RunRequest, limits: &RunLimits) -> Result<RunSpec, Error> {
+/// Validates a `RunRequest` against the pipeline's limits and applies
+/// defaults: the run's settings, and its records in input order.
+pub fn run_spec_from_proto(
+    req: proto::RunRequest,
+    limits: &RunLimits,
+) -> Result<(RunSpec, Vec<RunRecord>), Error> {
     if req.records.is_empty() {
         return Err(Error::InvalidArgument("records: a run needs at least one record".into()));
     }
@@ -110,40 +114,61 @@ pub fn run_spec_from_proto(req: proto::RunRequest, limits: &RunLimits) -> Result
             setting: "--max-records",
         });
     }
-    let mode = unit_mode_from_proto(req.unit_mode)?;
-    let options = run_options_from_proto(req.options.unwrap_or_default(), limits)?;
+    let spec = run_spec_from_header(
+        proto::RunHeader {
+            run_id: req.run_id,
+            unit_mode: req.unit_mode,
+            params: req.params,
+            options: req.options,
+        },
+        limits,
+    )?;
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(req.records.len());
     for (i, r) in req.records.iter().enumerate() {
-        if r.id.is_empty() {
-            return Err(Error::InvalidArgument(format!("record {i}: id: must not be empty")));
-        }
-        if let Err(why) = check_label(&r.id, MAX_RECORD_ID_BYTES) {
-            // The id itself is shown shortened and escaped.
-            let shown: String = r.id.chars().take(32).collect();
-            return Err(Error::invalid_record(i, &shown, "id", why));
-        }
+        check_record_id(i as u64, &r.id)?;
         if let Some(first) = seen.insert(&r.id, i) {
-            return Err(Error::invalid_record(i, &r.id, "id", format!("duplicates record {first}")));
+            return Err(Error::invalid_record(i as u64, &r.id, "id", format!("duplicates record {first}")));
         }
     }
     drop(seen);
-    if !req.run_id.is_empty() {
-        check_label(&req.run_id, MAX_RUN_ID_BYTES)
-            .map_err(|why| Error::InvalidArgument(format!("run_id: {why}")))?;
-    }
     // Encoded once, the decoded Structs dropped: the run holds about its
     // wire size, and every attempt sends these bytes as they are.
-    let records = req
-        .records
-        .into_iter()
-        .map(|r| {
-            let encoded = wire::encode_record(&r);
-            RunRecord { id: r.id, encoded }
-        })
-        .collect();
-    let run_id = if req.run_id.is_empty() { generate_run_id() } else { req.run_id };
-    let params = wire::encode_params(&req.params.unwrap_or_default());
-    Ok(RunSpec { run_id, records, mode, params, options })
+    let records = req.records.into_iter().map(run_record).collect();
+    Ok((spec, records))
+}
+
+/// Validates the settings of a run (a `RunStream` header, or a `RunRequest`
+/// without its records) and applies defaults.
+pub fn run_spec_from_header(h: proto::RunHeader, limits: &RunLimits) -> Result<RunSpec, Error> {
+    let mode = unit_mode_from_proto(h.unit_mode)?;
+    let options = run_options_from_proto(h.options.unwrap_or_default(), limits)?;
+    if !h.run_id.is_empty() {
+        check_label(&h.run_id, MAX_RUN_ID_BYTES)
+            .map_err(|why| Error::InvalidArgument(format!("run_id: {why}")))?;
+    }
+    let run_id = if h.run_id.is_empty() { generate_run_id() } else { h.run_id };
+    let params = wire::encode_params(&h.params.unwrap_or_default());
+    Ok(RunSpec { run_id, mode, params, options })
+}
+
+/// Checks the id of the record at input position `position`: non-empty,
+/// bounded, no control characters.
+pub fn check_record_id(position: u64, id: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        return Err(Error::InvalidArgument(format!("record {position}: id: must not be empty")));
+    }
+    if let Err(why) = check_label(id, MAX_RECORD_ID_BYTES) {
+        // The id itself is shown shortened and escaped.
+        let shown: String = id.chars().take(32).collect();
+        return Err(Error::invalid_record(position, &shown, "id", why));
+    }
+    Ok(())
+}
+
+/// A checked record as the pipeline holds it: its id and its encoding.
+pub fn run_record(r: proto::Record) -> RunRecord {
+    let encoded = wire::encode_record(&r);
+    RunRecord { id: r.id, encoded }
 }
 
 /// Longest `run_id`, in bytes.
@@ -242,30 +267,81 @@ fn generate_run_id() -> String {
 /// A `ProcessRecordRequest` as the engine's task. A missing record or empty
 /// id is `INVALID_ARGUMENT`.
 pub fn record_task_from_proto(req: proto::ProcessRecordRequest) -> Result<RecordTask, Error> {
-    let record = req.record.ok_or_else(|| Error::InvalidArgument("record: missing".into()))?;
+    let run = run_context(req.run_id, req.unit_mode, req.params)?;
+    record_task(&run, req.record, req.attempt)
+}
+
+/// A `ProcessBatchRequest` as engine tasks, one per record, in order: a
+/// record at fault fails alone; a fault of the whole call (run id, unit
+/// mode, params, too many records) is `Err`.
+pub fn batch_tasks_from_proto(
+    req: proto::ProcessBatchRequest,
+) -> Result<Vec<Result<RecordTask, Error>>, Error> {
+    if req.records.len() > MAX_BATCH_SIZE {
+        return Err(Error::LimitExceeded {
+            what: "the number of records in the batch".into(),
+            got: req.records.len() as u64,
+            limit: MAX_BATCH_SIZE as u64,
+            setting: "the protocol",
+        });
+    }
+    let run = run_context(req.run_id, req.unit_mode, req.params)?;
+    let attempts = req.attempts;
+    Ok(req
+        .records
+        .into_iter()
+        .enumerate()
+        .map(|(i, record)| record_task(&run, Some(record), attempts.get(i).copied().unwrap_or(1)))
+        .collect())
+}
+
+/// What every record of a processor call shares, converted once.
+struct RunContext {
+    run_id: String,
+    mode: UnitMode,
+    params: Arc<JsonMap>,
+}
+
+fn run_context(
+    run_id: String,
+    unit_mode: i32,
+    params: Option<prost_types::Struct>,
+) -> Result<RunContext, Error> {
+    check_label(&run_id, MAX_RUN_ID_BYTES).map_err(|why| Error::InvalidArgument(format!("run_id: {why}")))?;
+    if let Some((path, n)) = params.as_ref().and_then(|s| non_finite(s, "params")) {
+        return Err(Error::InvalidArgument(format!(
+            "{path}: {n} is not a valid value here (JSON has no NaN or Infinity)"
+        )));
+    }
+    Ok(RunContext {
+        run_id,
+        mode: unit_mode_from_proto(unit_mode)?,
+        params: Arc::new(params.map(struct_to_json).unwrap_or_default()),
+    })
+}
+
+fn record_task(run: &RunContext, record: Option<proto::Record>, attempt: u32) -> Result<RecordTask, Error> {
+    let record = record.ok_or_else(|| Error::InvalidArgument("record: missing".into()))?;
     if record.id.is_empty() {
         return Err(Error::InvalidArgument("record.id: must not be empty".into()));
     }
     check_label(&record.id, MAX_RECORD_ID_BYTES)
         .map_err(|why| Error::InvalidArgument(format!("record.id: {why}")))?;
-    check_label(&req.run_id, MAX_RUN_ID_BYTES)
-        .map_err(|why| Error::InvalidArgument(format!("run_id: {why}")))?;
-    let found = record.attributes.as_ref().and_then(|s| non_finite(s, "attributes"));
-    if let Some((path, n)) = found.or_else(|| req.params.as_ref().and_then(|s| non_finite(s, "params"))) {
+    if let Some((path, n)) = record.attributes.as_ref().and_then(|s| non_finite(s, "attributes")) {
         return Err(Error::InvalidArgument(format!(
             "record {:?}: {path}: {n} is not a valid value here (JSON has no NaN or Infinity)",
             record.id
         )));
     }
     Ok(RecordTask {
-        run_id: req.run_id,
+        run_id: run.run_id.clone(),
         record: Record {
             id: record.id,
             attributes: record.attributes.map(struct_to_json).unwrap_or_default(),
         },
-        mode: unit_mode_from_proto(req.unit_mode)?,
-        params: Arc::new(req.params.map(struct_to_json).unwrap_or_default()),
-        attempt: req.attempt,
+        mode: run.mode,
+        params: run.params.clone(),
+        attempt,
     })
 }
 
@@ -301,6 +377,11 @@ pub fn record_output_to_proto(
         elapsed: Some(duration_to_proto(out.elapsed)),
         processor: processor.to_owned(),
     }
+}
+
+/// A typed error on the wire, as a record's failure.
+pub fn error_to_proto(e: &Error) -> proto::Error {
+    proto::Error { code: e.code() as i32, code_name: code_name(e.code()).into(), message: e.to_string() }
 }
 
 /// A domain failure on the wire.
@@ -397,10 +478,12 @@ pub fn report_to_proto(r: RunReport) -> proto::RunReport {
     report
 }
 
-/// A run event on the wire.
-pub fn event_to_proto(e: RunEvent) -> proto::RunEvent {
+/// A run event on the wire; `Err` (the call's final status) for a run
+/// ended without a report.
+pub fn event_to_proto(e: RunEvent) -> Result<proto::RunEvent, tonic::Status> {
     use proto::run_event::Event;
     let event = match e {
+        RunEvent::Aborted(f) => return Err(tonic::Status::new(f.code, f.message)),
         RunEvent::Started { run_id, record_count, processor_count, started_at } => {
             Event::Started(proto::RunStarted {
                 run_id,
@@ -421,7 +504,7 @@ pub fn event_to_proto(e: RunEvent) -> proto::RunEvent {
             records_received: p.records_received,
         }),
     };
-    proto::RunEvent { event: Some(event) }
+    Ok(proto::RunEvent { event: Some(event) })
 }
 
 #[cfg(test)]
@@ -453,7 +536,8 @@ mod tests {
         let mut r = req(&["a"]);
         r.unit_mode = 9;
         assert!(msg(r).contains("unit_mode"));
-        let spec = run_spec_from_proto(req(&["a", "b"]), &limits).unwrap();
+        let (spec, records) = run_spec_from_proto(req(&["a", "b"]), &limits).unwrap();
+        assert_eq!(records.len(), 2);
         assert_eq!(spec.options.max_in_flight, limits.default_max_in_flight);
         assert!(spec.run_id.starts_with("run-"));
     }

@@ -63,13 +63,12 @@ pub struct RecordOutput {
     pub elapsed: Duration,
 }
 
-/// A validated run request: the pipeline's input.
+/// A validated run's settings (its records come separately: all at once
+/// for `Run`, as a stream for `RunStream`).
 #[derive(Debug, Clone)]
 pub struct RunSpec {
     /// The run id (generated when the request had none).
     pub run_id: String,
-    /// The records in input order, carried opaquely.
-    pub records: Vec<RunRecord>,
     /// Unit mode handed to every processor call.
     pub mode: UnitMode,
     /// Workload parameters handed to every processor call, encoded once
@@ -220,6 +219,9 @@ pub enum RunEvent {
     Report(RunReport),
     /// Counts so far, at a steady interval.
     Progress(RunProgress),
+    /// The run ended without a report (bad `RunStream` input): the call
+    /// ends with this status.
+    Aborted(Failure),
 }
 
 /// A run's counts at one moment.

@@ -47,6 +47,9 @@ pub enum Error {
     /// The work was cancelled (client gone, run aborted, shutting down).
     #[error("{0}")]
     Cancelled(String),
+    /// The work did not finish within its time bound.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A listen address, endpoint URL or similar setting is unusable.
     #[error("configuration: {0}")]
     Config(String),
@@ -57,7 +60,7 @@ pub enum Error {
 
 impl Error {
     /// `InvalidArgument` naming a record (by id and input position) and a field.
-    pub fn invalid_record(index: usize, id: &str, field: &str, reason: impl std::fmt::Display) -> Self {
+    pub fn invalid_record(index: u64, id: &str, field: &str, reason: impl std::fmt::Display) -> Self {
         Error::InvalidArgument(format!("record {index} (id {id:?}): {field}: {reason}"))
     }
 
@@ -70,6 +73,7 @@ impl Error {
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) | Error::Config(_) | Error::Transport(_) => Code::Internal,
             Error::Cancelled(_) => Code::Cancelled,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
         }
     }
 }

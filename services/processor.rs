@@ -18,6 +18,10 @@ use tonic::{Request, Response, Status};
 /// the caller may send it again without counting an attempt.
 pub const NOT_STARTED_KEY: &str = "fanout-not-started";
 
+/// Largest `ProcessBatch` response: results past it are left out, each
+/// failed `RESOURCE_EXHAUSTED` (retried by a pipeline).
+pub const MAX_BATCH_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
 /// How many records a processor works on at once and lets wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
@@ -156,9 +160,72 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
 
     async fn process_batch(
         &self,
-        _request: Request<proto::ProcessBatchRequest>,
+        request: Request<proto::ProcessBatchRequest>,
     ) -> Result<Response<proto::ProcessBatchResponse>, Status> {
-        Err(Status::unimplemented("ProcessBatch: not served yet"))
+        let _budget = request.extensions().get::<HeldBudget>().and_then(HeldBudget::take);
+        if self.draining.is_cancelled() {
+            return Err(not_started(Status::unavailable(format!(
+                "processor {} is shutting down: the batch was not started",
+                self.description.name
+            ))));
+        }
+        // One slot for the call, as a pipeline counts it.
+        let _slot = self.admission.admit().await?;
+        let request = request.into_inner();
+        let timeout = match &request.record_timeout {
+            None => None,
+            Some(d) => Some(convert::duration_from_proto(d).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "record_timeout: must be a non-negative duration within protobuf's range, got {}s {}ns",
+                    d.seconds, d.nanos
+                ))
+            })?)
+            .filter(|d| !d.is_zero()),
+        };
+        let tasks = convert::batch_tasks_from_proto(request)?;
+        // Every record on its own: its units join the shared unit threads,
+        // its failure and its deadline are its own.
+        let results = futures::future::join_all(tasks.into_iter().map(|task| async move {
+            let task = task?;
+            let record_id = task.record.id.clone();
+            let work = self.engine.process(task);
+            let output = match timeout {
+                None => work.await?,
+                Some(t) => tokio::time::timeout(t, work).await.map_err(|_| {
+                    crate::Error::DeadlineExceeded(format!(
+                        "record {record_id:?}: over its record_timeout of {t:?}"
+                    ))
+                })??,
+            };
+            Ok::<_, crate::Error>(convert::record_output_to_proto(record_id, output, &self.description.name))
+        }))
+        .await;
+        let mut bytes = 0;
+        let results = results
+            .into_iter()
+            .map(|r| {
+                let outcome = match r {
+                    Ok(processed) => {
+                        bytes += prost::Message::encoded_len(&processed);
+                        if bytes <= MAX_BATCH_RESPONSE_BYTES {
+                            proto::batch_item::Outcome::Processed(processed)
+                        } else {
+                            proto::batch_item::Outcome::Error(proto::Error {
+                                code: tonic::Code::ResourceExhausted as i32,
+                                code_name: "RESOURCE_EXHAUSTED".into(),
+                                message: format!(
+                                    "the batch's response reached {MAX_BATCH_RESPONSE_BYTES} bytes: this record's \
+                                     result was left out (send it again, or in smaller batches)"
+                                ),
+                            })
+                        }
+                    }
+                    Err(e) => proto::batch_item::Outcome::Error(convert::error_to_proto(&e)),
+                };
+                proto::BatchItem { outcome: Some(outcome) }
+            })
+            .collect();
+        Ok(Response::new(proto::ProcessBatchResponse { results }))
     }
 
     async fn describe(
@@ -176,7 +243,7 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
             queue: c.queue as u32,
             max_units_per_record: d.max_units_per_record as u32,
             max_message_bytes: d.max_message_bytes as u64,
-            max_batch_size: 0,
+            max_batch_size: crate::domain::MAX_BATCH_SIZE as u32,
         }))
     }
 }

@@ -32,11 +32,11 @@
 //! often than every 5 minutes with GOAWAY; probes find lost hosts instead.
 
 use super::discovery::{Resolve, SystemResolver, Target};
-use super::wire::ProcessRecordWire;
+use super::wire::{ProcessBatchWire, ProcessRecordWire};
 use crate::error::Error;
 use crate::processor::is_not_started;
 use crate::proto::record_processor_client::RecordProcessorClient;
-use crate::proto::{DescribeRequest, ProcessRecordResponse};
+use crate::proto::{DescribeRequest, ProcessBatchResponse, ProcessRecordResponse};
 use futures::future::BoxFuture;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -53,6 +53,10 @@ use tracing::{debug, info, warn};
 
 /// The service name processors report health for.
 pub const PROCESSOR_SERVICE: &str = "fanout.v1.RecordProcessor";
+
+/// Largest request assumed for a processor that does not say (gRPC's
+/// default receive limit).
+const DEFAULT_MAX_MESSAGE: usize = 4 * 1024 * 1024;
 
 /// Slots assumed for a processor that does not implement `Describe`.
 pub const FALLBACK_SLOTS: usize = 4;
@@ -101,6 +105,10 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     /// From `Describe`; 0 until described (no work before that).
     slots: AtomicUsize,
+    /// From `Describe`: most records per `ProcessBatch` call (≤ 1: none).
+    max_batch: AtomicUsize,
+    /// From `Describe`: largest request it accepts.
+    max_message: AtomicUsize,
     state: AtomicU8,
     /// Left the resolved set: no new work; forgotten once idle.
     removed: AtomicBool,
@@ -142,6 +150,8 @@ impl Endpoint {
             probes,
             in_flight: AtomicUsize::new(0),
             slots: AtomicUsize::new(0),
+            max_batch: AtomicUsize::new(1),
+            max_message: AtomicUsize::new(DEFAULT_MAX_MESSAGE),
             state: AtomicU8::new(UNKNOWN),
             removed: AtomicBool::new(false),
             last_ok: AtomicU64::new(0),
@@ -159,6 +169,12 @@ impl Endpoint {
     /// Slots the instance advertised (0 until described).
     pub fn slots(&self) -> usize {
         self.slots.load(Ordering::Relaxed)
+    }
+
+    /// Most records it takes in one call (1 when it does not serve
+    /// `ProcessBatch`), and the largest request it accepts, from `Describe`.
+    pub fn batch_limits(&self) -> (usize, usize) {
+        (self.max_batch.load(Ordering::Relaxed).max(1), self.max_message.load(Ordering::Relaxed))
     }
 
     /// Whether its last probe (or call) found it up. It gets work only once
@@ -420,24 +436,44 @@ impl Lease {
         req: ProcessRecordWire,
         timeout: Duration,
     ) -> Result<ProcessRecordResponse, CallError> {
+        self.call("/fanout.v1.RecordProcessor/ProcessRecord", req, timeout, MAX_RESPONSE_BYTES).await
+    }
+
+    /// One `ProcessBatch` call bounded by `timeout`, as [`Lease::process`]:
+    /// the call fails as a whole only when the batch never got to the
+    /// records (refused, transport, timeout); otherwise each record's result
+    /// is in the response.
+    pub async fn process_batch(
+        &self,
+        req: ProcessBatchWire,
+        timeout: Duration,
+    ) -> Result<ProcessBatchResponse, CallError> {
+        let limit = crate::processor::MAX_BATCH_RESPONSE_BYTES + 64 * 1024;
+        self.call("/fanout.v1.RecordProcessor/ProcessBatch", req, timeout, limit).await
+    }
+
+    async fn call<Req, Resp>(
+        &self,
+        path: &'static str,
+        req: Req,
+        timeout: Duration,
+        response_limit: usize,
+    ) -> Result<Resp, CallError>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
         let ep = &self.endpoint;
         let lost = ep.lost_token();
-        let mut grpc = ep.calls.clone();
+        let mut grpc = ep.calls.clone().max_decoding_message_size(response_limit);
         let call = async {
             grpc.ready()
                 .await
                 .map_err(|e| tonic::Status::unavailable(format!("{}: not ready: {e}", ep.addr)))?;
             let mut request = tonic::Request::new(req);
             request.set_timeout(timeout);
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-                "/fanout.v1.RecordProcessor/ProcessRecord",
-            );
-            grpc.unary(
-                request,
-                path,
-                tonic_prost::ProstCodec::<ProcessRecordWire, ProcessRecordResponse>::default(),
-            )
-            .await
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+            grpc.unary(request, path, tonic_prost::ProstCodec::<Req, Resp>::default()).await
         };
         let timed_out = || {
             // A frozen instance only ever times out: let a probe look at it
@@ -754,6 +790,11 @@ impl Balancer {
             let (slots, name) = match describe.describe(DescribeRequest {}).await {
                 Ok(d) => {
                     let d = d.into_inner();
+                    ep.max_batch.store(d.max_batch_size as usize, Ordering::Relaxed);
+                    if d.max_message_bytes > 0 {
+                        ep.max_message
+                            .store(d.max_message_bytes.min(usize::MAX as u64) as usize, Ordering::Relaxed);
+                    }
                     (d.slots as usize, d.name)
                 }
                 Err(s) if s.code() == tonic::Code::Unimplemented => {

@@ -7,7 +7,9 @@
 //! - [`discovery`]: where instances come from: `--processors`, names looked
 //!   up again and again.
 //! - [`retry`]: which failures are retried, and the backoff between attempts.
-//! - [`report`]: exactly-once bookkeeping and the final report.
+//! - [`input`]: where a run's records come from: a `Run` request, or a
+//!   `RunStream` read as fast as records are dispatched.
+//! - [`report`]: the run's totals and the final report.
 //! - [`admission`]: how many runs, and how many bytes of requests, the
 //!   pipeline takes at once.
 //! - [`wire`]: the processor call's request, its record and params encoded
@@ -20,6 +22,7 @@
 pub mod admission;
 pub mod balancer;
 pub mod discovery;
+pub mod input;
 pub mod report;
 pub mod retry;
 pub mod run;
@@ -114,7 +117,7 @@ impl futures::Stream for RunStream {
     type Item = Result<proto::RunEvent, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.events.poll_recv(cx).map(|e| e.map(|e| Ok(convert::event_to_proto(e))))
+        self.events.poll_recv(cx).map(|e| e.map(convert::event_to_proto))
     }
 }
 
@@ -125,9 +128,33 @@ impl proto::pipeline_server::Pipeline for PipelineService {
 
     async fn run_stream(
         &self,
-        _request: Request<tonic::Streaming<proto::RunInput>>,
+        request: Request<tonic::Streaming<proto::RunInput>>,
     ) -> Result<Response<RunStream>, Status> {
-        Err(Status::unimplemented("RunStream: not served yet"))
+        let mut input = request.into_inner();
+        let first =
+            tokio::time::timeout(self.stalled_client_timeout, input.message()).await.map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no header within {:?} (set by --stalled-client-timeout)",
+                    self.stalled_client_timeout
+                ))
+            })??;
+        let header = match first.and_then(|m| m.input) {
+            Some(proto::run_input::Input::Header(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of RunStream must be a `header` (then `records` batches, then `done`)",
+                ));
+            }
+        };
+        let spec = convert::run_spec_from_header(header, &self.limits)?;
+        // A streamed run holds about a prefetch of records and its id index;
+        // the index takes from the budget itself as it grows.
+        let cost = admission::run_cost(0, spec.options.max_in_flight.max(spec.options.max_batch_size), true);
+        let permit = self.admission.admit(cost)?;
+        self.balancer.ensure_ready().await?;
+        let source =
+            input::Source::Stream(input::StreamInput::new(Box::pin(input), self.admission.memory().clone()));
+        Ok(self.start(spec, source, permit))
     }
 
     async fn run(&self, request: Request<proto::RunRequest>) -> Result<Response<RunStream>, Status> {
@@ -136,10 +163,22 @@ impl proto::pipeline_server::Pipeline for PipelineService {
         let (_, decoding_budget, request) = request.into_parts();
         let summary_only = request.options.as_ref().is_some_and(|o| o.summary_only);
         let cost = admission::run_cost(request.encoded_len(), request.records.len(), summary_only);
-        let spec = convert::run_spec_from_proto(request, &self.limits)?;
+        let (spec, records) = convert::run_spec_from_proto(request, &self.limits)?;
         drop(decoding_budget);
         let permit = self.admission.admit(cost)?;
         self.balancer.ensure_ready().await?;
+        Ok(self.start(spec, input::Source::whole(records), permit))
+    }
+}
+
+impl PipelineService {
+    /// Starts an accepted run: its task, and the stream of its events.
+    fn start(
+        &self,
+        spec: crate::domain::RunSpec,
+        source: input::Source,
+        permit: admission::RunPermit,
+    ) -> Response<RunStream> {
         let client_gone = CancellationToken::new();
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let control = RunControl {
@@ -152,9 +191,9 @@ impl proto::pipeline_server::Pipeline for PipelineService {
         let processors = self.balancer.endpoints().len();
         let backoff = self.backoff;
         tokio::spawn(async move {
-            run::execute(spec, queue, processors, backoff, tx, control).await;
+            run::execute(spec, source, queue, processors, backoff, tx, control).await;
             drop(permit);
         });
-        Ok(Response::new(RunStream { events: rx, _cancel_on_drop: client_gone.drop_guard() }))
+        Response::new(RunStream { events: rx, _cancel_on_drop: client_gone.drop_guard() })
     }
 }

@@ -1,7 +1,9 @@
-//! Fan-in bookkeeping: every record's result exactly once, and the report.
+//! Fan-in bookkeeping: the run's totals as results come in, and the report
+//! (every result for `Run`, the failed ones, bounded, for `RunStream`).
 
-use crate::domain::{Failure, Outcome, RecordResult, RunReport, RunStatus, RunSummary};
-use std::time::{Duration, Instant, SystemTime};
+use crate::domain::{Outcome, RecordResult, RunReport, RunStatus, RunSummary};
+use prost::Message;
+use std::time::{Instant, SystemTime};
 
 /// Why a run stopped before every record was processed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,52 +15,90 @@ pub enum Abort {
     Shutdown,
 }
 
-/// Collects one result per record and builds the report.
+/// Most failed records a streamed run's report carries.
+pub const MAX_REPORTED_FAILURES: usize = 1000;
+
+/// Bytes the failed records in a streamed run's report may take: the report
+/// must fit in one event.
+const REPORTED_FAILURE_BYTES: usize = crate::convert::MAX_EVENT_BYTES - 64 * 1024;
+
+/// Which results the report carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Every result, in input order (`Run`): a run of this many records.
+    All(usize),
+    /// The failed ones, bounded (`RunStream`).
+    Failures,
+    /// None (`summary_only`).
+    Nothing,
+}
+
+#[derive(Debug)]
+enum Kept {
+    All(Vec<Option<RecordResult>>),
+    Failures { kept: Vec<RecordResult>, bytes: usize, omitted: u64 },
+    Nothing,
+}
+
+/// Adds up results as they come (each record's once: the run hands each
+/// record's result over exactly once) and builds the report.
 #[derive(Debug)]
 pub struct ReportBuilder {
     run_id: String,
-    ids: Vec<String>,
-    done: Vec<bool>,
-    /// Kept only when the report carries per-record results.
-    results: Option<Vec<Option<RecordResult>>>,
+    kept: Kept,
     summary: RunSummary,
     started: Instant,
 }
 
 impl ReportBuilder {
-    /// A builder for a run of records with these ids (input order).
-    pub fn new(run_id: String, ids: Vec<String>, summary_only: bool) -> Self {
-        let n = ids.len();
-        Self {
-            run_id,
-            ids,
-            done: vec![false; n],
-            results: (!summary_only).then(|| vec![None; n]),
-            summary: RunSummary::default(),
-            started: Instant::now(),
-        }
+    /// A builder for a run keeping `keep`.
+    pub fn new(run_id: String, keep: Keep) -> Self {
+        let kept = match keep {
+            Keep::All(n) => Kept::All(vec![None; n]),
+            Keep::Failures => Kept::Failures { kept: Vec::new(), bytes: 0, omitted: 0 },
+            Keep::Nothing => Kept::Nothing,
+        };
+        Self { run_id, kept, summary: RunSummary::default(), started: Instant::now() }
     }
 
-    /// Records one result. Returns `false` (and records nothing) if that
-    /// record already has one: a record is reported exactly once.
-    pub fn add(&mut self, r: &RecordResult) -> bool {
-        if std::mem::replace(&mut self.done[r.index as usize], true) {
-            return false;
-        }
+    /// Adds one record's final result.
+    pub fn add(&mut self, r: &RecordResult) {
         let s = &mut self.summary;
         s.total_records_processed += 1;
         s.retries += u64::from(r.attempts.saturating_sub(1));
-        match &r.outcome {
+        let failed = match &r.outcome {
             Outcome::Succeeded { units_processed, .. } => {
                 s.records_succeeded += 1;
                 s.total_units_processed += u64::from(*units_processed);
+                false
             }
-            Outcome::Failed(_) => s.records_failed += 1,
+            Outcome::Failed(_) => {
+                s.records_failed += 1;
+                true
+            }
+        };
+        match &mut self.kept {
+            Kept::All(results) => {
+                if let Some(slot) = results.get_mut(r.index as usize) {
+                    debug_assert!(slot.is_none(), "record {} reported twice", r.index);
+                    *slot = Some(r.clone());
+                }
+            }
+            Kept::Failures { kept, bytes, omitted } if failed => {
+                let size = if kept.len() < MAX_REPORTED_FAILURES {
+                    crate::convert::record_result_to_proto(r.clone()).encoded_len() + 8
+                } else {
+                    usize::MAX
+                };
+                if kept.len() < MAX_REPORTED_FAILURES && *bytes + size <= REPORTED_FAILURE_BYTES {
+                    *bytes += size;
+                    kept.push(r.clone());
+                } else {
+                    *omitted += 1;
+                }
+            }
+            Kept::Failures { .. } | Kept::Nothing => {}
         }
-        if let Some(results) = &mut self.results {
-            results[r.index as usize] = Some(r.clone());
-        }
-        true
     }
 
     /// Records failed so far.
@@ -71,22 +111,9 @@ impl ReportBuilder {
         self.summary.records_succeeded
     }
 
-    /// Input positions of the records without a result yet, in order.
-    pub fn unfinished(&self) -> Vec<usize> {
-        (0..self.ids.len()).filter(|&i| !self.done[i]).collect()
-    }
-
-    /// The result of record `index` cancelled before it finished: failed
-    /// with `CANCELLED` and `reason`, after `attempts` attempts.
-    pub fn cancelled(&self, index: usize, reason: &str, attempts: u32) -> RecordResult {
-        RecordResult {
-            record_id: self.ids[index].clone(),
-            index: index as u64,
-            outcome: Outcome::Failed(Failure { code: tonic::Code::Cancelled, message: reason.to_owned() }),
-            attempts,
-            processor: String::new(),
-            elapsed: Duration::ZERO,
-        }
+    /// Records with a result so far.
+    pub fn finished(&self) -> u64 {
+        self.summary.total_records_processed
     }
 
     /// The final report.
@@ -104,12 +131,17 @@ impl ReportBuilder {
             None if summary.records_succeeded == 0 => RunStatus::Failed,
             None => RunStatus::PartiallyFailed,
         };
+        let (results, failures_omitted) = match self.kept {
+            Kept::All(r) => (r.into_iter().flatten().collect(), 0),
+            Kept::Failures { kept, omitted, .. } => (kept, omitted),
+            Kept::Nothing => (Vec::new(), 0),
+        };
         RunReport {
             run_id: self.run_id,
             status,
             summary,
-            results: self.results.map(|r| r.into_iter().flatten().collect()).unwrap_or_default(),
-            failures_omitted: 0,
+            results,
+            failures_omitted,
             generated_at: SystemTime::now(),
             elapsed: self.started.elapsed(),
         }
@@ -119,11 +151,13 @@ impl ReportBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Failure;
+    use std::time::Duration;
 
-    fn result(index: usize, ok: bool, attempts: u32) -> RecordResult {
+    fn result(index: u64, ok: bool, attempts: u32) -> RecordResult {
         RecordResult {
             record_id: format!("r{index}"),
-            index: index as u64,
+            index,
             outcome: if ok {
                 Outcome::Succeeded { output: Default::default(), units_processed: 10 }
             } else {
@@ -136,16 +170,11 @@ mod tests {
     }
 
     #[test]
-    fn each_record_counts_once_and_report_is_in_input_order() {
-        let mut b = ReportBuilder::new("run".into(), vec!["r0".into(), "r1".into(), "r2".into()], false);
-        assert!(b.add(&result(2, true, 1)));
-        assert!(b.add(&result(0, false, 3)));
-        assert!(!b.add(&result(0, true, 1)), "a second result for r0 is refused");
-        assert_eq!(b.unfinished(), [1]);
-        let cancelled = b.cancelled(1, "aborted", 0);
-        assert_eq!(cancelled.record_id, "r1");
-        assert!(b.add(&cancelled));
-        assert!(b.unfinished().is_empty());
+    fn a_run_report_is_in_input_order() {
+        let mut b = ReportBuilder::new("run".into(), Keep::All(3));
+        b.add(&result(2, true, 1));
+        b.add(&result(0, false, 3));
+        b.add(&result(1, false, 0));
         let report = b.finish(None);
         assert_eq!(report.status, RunStatus::PartiallyFailed);
         assert_eq!(report.summary.total_records_processed, 3);
@@ -158,11 +187,25 @@ mod tests {
 
     #[test]
     fn summary_only_keeps_counts_not_results() {
-        let mut b = ReportBuilder::new("run".into(), vec!["a".into()], true);
+        let mut b = ReportBuilder::new("run".into(), Keep::Nothing);
         b.add(&result(0, true, 1));
         let report = b.finish(None);
         assert_eq!(report.status, RunStatus::Succeeded);
         assert!(report.results.is_empty());
         assert_eq!(report.summary.average_units_per_record, 10.0);
+    }
+
+    #[test]
+    fn a_streamed_report_keeps_a_bounded_number_of_failures() {
+        let mut b = ReportBuilder::new("run".into(), Keep::Failures);
+        for i in 0..(MAX_REPORTED_FAILURES as u64 + 50) {
+            b.add(&result(2 * i, true, 1));
+            b.add(&result(2 * i + 1, false, 1));
+        }
+        let report = b.finish(None);
+        assert_eq!(report.results.len(), MAX_REPORTED_FAILURES);
+        assert!(report.results.iter().all(|r| matches!(r.outcome, Outcome::Failed(_))));
+        assert_eq!(report.failures_omitted, 50);
+        assert_eq!(report.summary.records_failed, MAX_REPORTED_FAILURES as u64 + 50);
     }
 }

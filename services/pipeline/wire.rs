@@ -32,6 +32,30 @@ pub struct ProcessRecordWire {
     pub attempt: u32,
 }
 
+/// `fanout.v1.ProcessBatchRequest` with its records and params
+/// pre-encoded, byte-for-byte the real message on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProcessBatchWire {
+    /// `run_id`.
+    #[prost(bytes = "bytes", tag = "1")]
+    pub run_id: Bytes,
+    /// The encoded `fanout.v1.Record`s.
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    pub records: Vec<Bytes>,
+    /// `unit_mode`.
+    #[prost(int32, tag = "3")]
+    pub unit_mode: i32,
+    /// The encoded `google.protobuf.Struct` of the run's params.
+    #[prost(bytes = "bytes", tag = "4")]
+    pub params: Bytes,
+    /// Each record's 1-based attempt number.
+    #[prost(uint32, repeated, tag = "5")]
+    pub attempts: Vec<u32>,
+    /// Each record's time bound on the processor.
+    #[prost(message, optional, tag = "6")]
+    pub record_timeout: Option<prost_types::Duration>,
+}
+
 /// Encodes a record once, for every attempt it will take.
 pub fn encode_record(record: &proto::Record) -> Bytes {
     Bytes::from(record.encode_to_vec())
@@ -72,6 +96,18 @@ mod tests {
             params: encode_params(&params),
             attempt: 2,
         };
+        let batch = ProcessBatchWire {
+            run_id: wire.run_id.clone(),
+            records: vec![wire.record.clone(), wire.record.clone()],
+            unit_mode: wire.unit_mode,
+            params: wire.params.clone(),
+            attempts: vec![1, 3],
+            record_timeout: Some(prost_types::Duration { seconds: 2, nanos: 0 }),
+        };
+        let real_batch = proto::ProcessBatchRequest::decode(batch.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(real_batch.records, [record.clone(), record.clone()]);
+        assert_eq!(real_batch.attempts, [1, 3]);
+        assert_eq!(real_batch.params.as_ref(), Some(&params));
         let real = proto::ProcessRecordRequest::decode(wire.encode_to_vec().as_slice()).unwrap();
         assert_eq!(
             real,
