@@ -314,6 +314,137 @@ async fn run_inner(
     Ok(Collected { started, records, report, progress })
 }
 
+/// A streamed run's events: `started`, the records and progress, then the
+/// report, or the status that ended the call instead.
+#[derive(Debug)]
+pub struct StreamCollected {
+    pub started: proto::RunStarted,
+    pub records: Vec<proto::RecordResult>,
+    pub progress: Vec<proto::RunProgress>,
+    pub end: Result<proto::RunReport, tonic::Status>,
+}
+
+impl StreamCollected {
+    /// The report, which the run must have ended with.
+    pub fn report(&self) -> &proto::RunReport {
+        self.end.as_ref().expect("the run ended without a report")
+    }
+
+    /// Checks that the records at positions `0..ids.len()` (ids in input
+    /// order) each had exactly one `record` event with that index and id,
+    /// and nothing else did.
+    pub fn assert_each_once(&self, ids: &[String]) {
+        let mut seen = HashSet::new();
+        for r in &self.records {
+            let i = r.index as usize;
+            assert!(i < ids.len(), "index {i} out of range ({} records accepted)", ids.len());
+            assert!(seen.insert(i), "index {i} streamed twice");
+            assert_eq!(r.record_id, ids[i], "record_id at index {i}");
+        }
+        assert_eq!(seen.len(), ids.len(), "one record event per accepted record");
+    }
+
+    /// [`Self::assert_each_once`], and the report's summary and failures
+    /// agree with the events.
+    pub fn assert_exactly_once(&self, ids: &[String]) {
+        self.assert_each_once(ids);
+        assert_eq!(self.started.record_count, 0, "a stream's size is not known at the start");
+        let s = self.report().summary.as_ref().expect("report.summary");
+        assert_eq!(s.total_records_processed as usize, ids.len(), "summary.total_records_processed");
+        let failed: Vec<_> =
+            self.records.iter().filter(|r| r.status() != proto::RecordStatus::Succeeded).collect();
+        assert_eq!(s.records_failed as usize, failed.len(), "summary.records_failed");
+        assert_eq!(s.records_succeeded as usize, ids.len() - failed.len(), "summary.records_succeeded");
+        let retries: u64 = self.records.iter().map(|r| u64::from(r.attempts.saturating_sub(1))).sum();
+        assert_eq!(s.retries, retries, "summary.retries");
+        let report = self.report();
+        assert_eq!(
+            report.results.len() as u64 + report.failures_omitted,
+            failed.len() as u64,
+            "failures reported"
+        );
+        for r in &report.results {
+            let streamed = self.records.iter().find(|e| e.index == r.index).unwrap();
+            assert_eq!(r, streamed, "report failure {} equals its event", r.index);
+        }
+    }
+}
+
+/// `RunInput` messages: the header.
+pub fn header_msg(options: proto::RunOptions, params: prost_types::Struct) -> proto::RunInput {
+    let header = proto::RunHeader { params: Some(params), options: Some(options), ..Default::default() };
+    proto::RunInput { input: Some(proto::run_input::Input::Header(header)) }
+}
+
+/// `RunInput` messages: a batch of records.
+pub fn batch_msg(records: Vec<proto::Record>) -> proto::RunInput {
+    proto::RunInput { input: Some(proto::run_input::Input::Records(proto::RecordBatch { records })) }
+}
+
+/// `RunInput` messages: the end, with a count.
+pub fn done_msg(record_count: u64) -> proto::RunInput {
+    proto::RunInput { input: Some(proto::run_input::Input::Done(proto::InputDone { record_count })) }
+}
+
+/// The messages of a stream of `ids` in batches of `per_batch`, with the
+/// right count at the end.
+pub fn stream_of(ids: &[String], per_batch: usize, options: proto::RunOptions) -> Vec<proto::RunInput> {
+    let mut msgs = vec![header_msg(options, rounds(ROUNDS))];
+    msgs.extend(ids.chunks(per_batch).map(|c| batch_msg(c.iter().map(|id| record(id)).collect())));
+    msgs.push(done_msg(ids.len() as u64));
+    msgs
+}
+
+/// Calls `RunStream`, sending `input` from its own task while the events are
+/// read, and collects the events (under [`WAIT`] unless `limit`). A status
+/// before `started` is `Err`.
+pub async fn run_stream(
+    client: &mut PipelineClient<Channel>,
+    input: impl IntoIterator<Item = proto::RunInput> + Send + 'static,
+    limit: Option<Duration>,
+) -> Result<StreamCollected, tonic::Status> {
+    let input: Vec<_> = input.into_iter().collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        for m in input {
+            if tx.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    tokio::time::timeout(limit.unwrap_or(WAIT), collect_stream(client, stream)).await.expect("run timed out")
+}
+
+/// Calls `RunStream` with `input` and collects its events.
+pub async fn collect_stream(
+    client: &mut PipelineClient<Channel>,
+    input: impl tokio_stream::Stream<Item = proto::RunInput> + Send + 'static,
+) -> Result<StreamCollected, tonic::Status> {
+    let mut stream = client.run_stream(input).await?.into_inner();
+    let first = stream.message().await?.expect("stream ended before any event");
+    let Some(Event::Started(started)) = first.event else { panic!("first event must be started: {first:?}") };
+    let mut records = Vec::new();
+    let mut progress = Vec::new();
+    let end = loop {
+        match stream.message().await {
+            Err(status) => break Err(status),
+            Ok(None) => panic!("stream ended without a report or a status"),
+            Ok(Some(ev)) => match ev.event.expect("event set") {
+                Event::Started(s) => panic!("a second started event: {s:?}"),
+                Event::Record(r) => records.push(r),
+                Event::Report(r) => break Ok(r),
+                Event::Progress(p) => progress.push(p),
+            },
+        }
+    };
+    if end.is_ok() {
+        let after = stream.message().await.expect("stream failed after report");
+        assert!(after.is_none(), "events after the report: {after:?}");
+    }
+    Ok(StreamCollected { started, records, progress, end })
+}
+
 /// Runs `req`, expecting it to be accepted.
 pub async fn run_ok(client: &mut PipelineClient<Channel>, req: proto::RunRequest) -> Collected {
     run(client, req).await.expect("Run rejected")
