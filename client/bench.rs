@@ -56,6 +56,9 @@ pub enum Scenario {
     ManyRuns,
     /// Records/s over fleets of 1, 8 and 64 instances vs the smallest fleet.
     Fleet,
+    /// Tiny records several per processor call (`max_batch_size`) vs bare
+    /// unary calls.
+    Batching,
 }
 
 /// Flags of `fanout bench`.
@@ -66,7 +69,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "efficiency,overhead,latency,scale,many-runs,fleet"
+        default_value = "efficiency,overhead,latency,scale,many-runs,fleet,batching"
     )]
     scenarios: Vec<Scenario>,
     /// efficiency: seconds one thread needs for all units (sets `rounds`).
@@ -103,6 +106,12 @@ pub struct BenchArgs {
     /// fleet: records in flight (the same for every fleet size).
     #[arg(long, default_value_t = 256)]
     fleet_concurrency: u32,
+    /// batching: records per processor call, comma-separated (1 = no batching).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch_sizes: Vec<u32>,
+    /// batching: records in each run.
+    #[arg(long, default_value_t = 200_000)]
+    batching_records: usize,
     /// Repetitions of each measurement (efficiency, overhead, latency,
     /// many-runs, fleet); each figure is the median, each ratio the median of ratios
     /// taken against the baseline measured just before it.
@@ -223,6 +232,7 @@ pub async fn bench(args: BenchArgs) -> Result<i32> {
             Scenario::Scale => scale(&args, &mut table).await?,
             Scenario::ManyRuns => many_runs(&args, &mut table).await?,
             Scenario::Fleet => fleet(&args, &mut table).await?,
+            Scenario::Batching => batching(&args, &mut table).await?,
         }
     }
     println!();
@@ -570,6 +580,60 @@ async fn overhead(args: &BenchArgs, table: &mut Table) -> Result<()> {
     stop.cancel();
     table.add(
         "overhead",
+        format!("baseline: bare no-op unary calls, {c} in flight"),
+        median(&mut all_bares),
+        "calls/s",
+    );
+    Ok(())
+}
+
+// --------------------------------------------------------------- batching
+
+/// Tiny records (rounds 0, one unit) through one digest processor, several
+/// per call, against the bare unary call rate of the no-op server measured
+/// just before each run: batching is how a run beats one call per record.
+async fn batching(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let n = args.batching_records;
+    let c = args.concurrency;
+    let (noop, stop) = start_noop().await?;
+    bare_calls(&noop, 1_000, c as usize).await?; // warm-up
+    let mut stack = Stack::start(1).await?;
+    let mut all_bares = Vec::new();
+    for &size in &args.batch_sizes {
+        let size = size.max(1);
+        // Enough records in flight to keep `c` calls going at this size.
+        let in_flight = (c * size).min(4096);
+        let req = |n| {
+            let mut r = request(one_unit_records(n), 0, proto::UnitMode::Parallel, in_flight, true);
+            r.options.as_mut().expect("options").max_batch_size = size;
+            r
+        };
+        timed_run(&mut stack.client, req(2_000)).await?;
+        let (mut rates, mut bares, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.repeat.max(1) {
+            let bare =
+                c as f64 * 1_000.0 / bare_calls(&noop, c as usize * 1_000, c as usize).await?.as_secs_f64();
+            let (_, wall) = timed_run(&mut stack.client, req(n)).await?;
+            let rate = n as f64 / wall.as_secs_f64();
+            bares.push(bare);
+            rates.push(rate);
+            ratios.push(rate / bare);
+        }
+        all_bares.extend_from_slice(&bares);
+        table.compare(
+            "batching",
+            format!("max_batch_size {size}, {in_flight} in flight, 1 processor"),
+            median(&mut rates),
+            median(&mut bares),
+            "records/s",
+            &mut ratios,
+            |r| (size == 32).then(|| (">= 3".to_owned(), r >= 3.0)),
+        );
+    }
+    stack.stop().await?;
+    stop.cancel();
+    table.add(
+        "batching",
         format!("baseline: bare no-op unary calls, {c} in flight"),
         median(&mut all_bares),
         "calls/s",
