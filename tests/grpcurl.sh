@@ -88,4 +88,25 @@ expect "Describe workload" '"workload": "digest"' "$desc"
 # Over --max-rounds: the record fails INVALID_ARGUMENT naming the flag.
 over=$(grpcurl -plaintext -d '{"records": [{"id": "a"}], "params": {"rounds": 1e12}}' "$pipe_addr" fanout.v1.Pipeline/Run)
 expect "max rounds" "max-rounds" "$over"
+# RunStream: a header, two batches and `done`, as JSON messages on stdin.
+streamed=$(grpcurl -plaintext -d @ "$pipe_addr" fanout.v1.Pipeline/RunStream <<'EOF'
+{"header": {"unit_mode": "UNIT_MODE_SEQUENTIAL", "params": {"rounds": 1000}, "options": {"max_batch_size": 8}}}
+{"records": {"records": [{"id": "rec-explicit", "attributes": {"units": 3}}]}}
+{"records": {"records": [{"id": "rec-00000"}, {"id": "s-2"}]}}
+{"done": {"record_count": 3}}
+EOF
+)
+expect "stream status" "RUN_STATUS_SUCCEEDED" "$streamed"
+expect "stream rec-explicit digest" "$want1" "$streamed"
+expect "stream rec-00000 digest" "$want2" "$streamed"
+[ "$(grep -c '"record":' <<<"$streamed")" -eq 3 ] || fail "expected 3 record events from RunStream"
+# A count that does not match ends the run naming it.
+miscount=$(grpcurl -plaintext -d @ "$pipe_addr" fanout.v1.Pipeline/RunStream 2>&1 <<'EOF' || true
+{"header": {}}
+{"records": {"records": [{"id": "a"}]}}
+{"done": {"record_count": 2}}
+EOF
+)
+expect "stream count" "InvalidArgument" "$miscount"
+expect "stream count message" "done.record_count is 2 but 1 records were sent" "$miscount"
 echo "grpcurl interop: all checks passed"
