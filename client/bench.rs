@@ -34,7 +34,7 @@ use fanout::workload::digest::{default_unit_count, unit_value};
 use futures::StreamExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +59,10 @@ pub enum Scenario {
     /// Tiny records several per processor call (`max_batch_size`) vs bare
     /// unary calls.
     Batching,
+    /// `fanout run` streaming an NDJSON file of 100,000 and 1,000,000
+    /// records: every record accounted for, and the peak memory of the
+    /// pipeline and of the client.
+    Stream,
 }
 
 /// Flags of `fanout bench`.
@@ -69,7 +73,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "efficiency,overhead,latency,scale,many-runs,fleet,batching"
+        default_value = "efficiency,overhead,latency,scale,many-runs,fleet,batching,stream"
     )]
     scenarios: Vec<Scenario>,
     /// efficiency: seconds one thread needs for all units (sets `rounds`).
@@ -112,6 +116,10 @@ pub struct BenchArgs {
     /// batching: records in each run.
     #[arg(long, default_value_t = 200_000)]
     batching_records: usize,
+    /// stream: records in each streamed run, comma-separated; the 1,000,000
+    /// run carries the memory targets.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    stream_records: Vec<usize>,
     /// Repetitions of each measurement (efficiency, overhead, latency,
     /// many-runs, fleet); each figure is the median, each ratio the median of ratios
     /// taken against the baseline measured just before it.
@@ -233,6 +241,7 @@ pub async fn bench(args: BenchArgs) -> Result<i32> {
             Scenario::ManyRuns => many_runs(&args, &mut table).await?,
             Scenario::Fleet => fleet(&args, &mut table).await?,
             Scenario::Batching => batching(&args, &mut table).await?,
+            Scenario::Stream => stream(&args, &mut table).await?,
         }
     }
     println!();
@@ -638,6 +647,95 @@ async fn batching(args: &BenchArgs, table: &mut Table) -> Result<()> {
         median(&mut all_bares),
         "calls/s",
     );
+    Ok(())
+}
+
+// ----------------------------------------------------------------- stream
+
+/// `fanout run FILE` (this binary, in a child process) streaming an NDJSON
+/// file of tiny records (rounds 0, one unit) to a pipeline in a child
+/// process over two in-process processors; both children's peak RSS is
+/// read from /proc (the client's sampled every 50 ms while it runs).
+async fn stream(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("fanout-bench-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for &n in &args.stream_records {
+        let file = dir.join(format!("records-{n}.ndjson"));
+        {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
+            for i in 0..n {
+                writeln!(out, r#"{{"id":"rec-{i:08}","attributes":{{"units":1}}}}"#)?;
+            }
+            out.flush()?;
+        }
+        let processors = start_processors(2).await?;
+        let pipeline = PipelineChild::spawn(&processors, 100_000).await?;
+        let idle = pipeline.peak_rss_mib()?;
+        let exe = std::env::current_exe()?;
+        let t = Instant::now();
+        let mut client = ChildGuard(
+            Command::new(exe)
+                .arg("run")
+                .arg(&file)
+                .args(["--pipeline", &pipeline.addr, "--params", r#"{"rounds": 0}"#, "--quiet"])
+                .args(["--max-in-flight", "1024", "--batch-size", "32"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting fanout run")?,
+        );
+        let stdout = client.0.stdout.take().context("client stdout")?;
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut s).map(|_| s)
+        });
+        let pid = client.0.id();
+        let mut client_peak: f64 = 0.0;
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        let status = loop {
+            if let Ok(rss) = peak_rss_mib(pid) {
+                client_peak = client_peak.max(rss);
+            }
+            if let Some(status) = client.0.try_wait()? {
+                break status;
+            }
+            ensure!(Instant::now() < deadline, "fanout run of {n} records took over 30 minutes");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let wall = t.elapsed();
+        let printed = reader.await??;
+        let pipeline_peak = pipeline.peak_rss_mib()?;
+        drop(pipeline);
+        for p in processors {
+            p.shutdown().await?;
+        }
+        std::fs::remove_file(&file)?;
+        ensure!(status.success(), "fanout run of {n} records exited with {status}");
+        let report: serde_json::Value = serde_json::from_str(&printed).context("the client's report")?;
+        let done = report["summary"]["records_succeeded"].as_u64().unwrap_or_default();
+        table.add(
+            "stream",
+            format!("{n} records: records/s, fanout run from NDJSON, batch 32"),
+            n as f64 / wall.as_secs_f64(),
+            "records/s",
+        );
+        table.add("stream", format!("{n} records: succeeded, as reported"), done as f64, "records");
+        table.target(&format!("all {n}"), done == n as u64);
+        table.add(
+            "stream",
+            format!("{n} records: pipeline peak RSS (idle {idle:.0} MiB)"),
+            pipeline_peak,
+            "MiB",
+        );
+        if n == 1_000_000 {
+            table.target("<= 128 MiB", pipeline_peak <= 128.0);
+        }
+        table.add("stream", format!("{n} records: client peak RSS"), client_peak, "MiB");
+        if n == 1_000_000 {
+            table.target("<= 64 MiB", client_peak <= 64.0);
+        }
+    }
+    let _ = std::fs::remove_dir(&dir);
     Ok(())
 }
 

@@ -33,10 +33,11 @@ pub fn result_json(r: &proto::RecordResult) -> Value {
     v
 }
 
-/// The whole report as JSON.
+/// The whole report as JSON; `failures_omitted` appears only when non-zero
+/// (a `RunStream` report with more failures than it carries).
 pub fn report_json(r: &proto::RunReport) -> Value {
     let s = r.summary.unwrap_or_default();
-    json!({
+    let mut v = json!({
         "run_id": r.run_id,
         "status": r.status().as_str_name(),
         "summary": {
@@ -50,7 +51,11 @@ pub fn report_json(r: &proto::RunReport) -> Value {
         "results": r.results.iter().map(result_json).collect::<Vec<_>>(),
         "generated_at": r.generated_at.as_ref().map(|t| t.to_string()),
         "elapsed": duration(&r.elapsed),
-    })
+    });
+    if r.failures_omitted > 0 {
+        v["failures_omitted"] = r.failures_omitted.into();
+    }
+    v
 }
 
 /// A readable summary: status, totals, rate, and each failed record.
@@ -84,5 +89,35 @@ pub fn report_table(r: &proto::RunReport) -> String {
             );
         }
     }
+    if r.failures_omitted > 0 {
+        out += &format!(
+            "… and {} more failed record(s), left out of the report (each was sent as a record event; \
+             see --output)\n",
+            r.failures_omitted
+        );
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn omitted_failures_are_mentioned() {
+        let failure = proto::RecordResult {
+            record_id: "r7".into(),
+            index: 7,
+            status: proto::RecordStatus::Failed as i32,
+            error: Some(proto::Error { code: 13, code_name: "INTERNAL".into(), message: "bad".into() }),
+            ..Default::default()
+        };
+        let mut report = proto::RunReport { results: vec![failure], ..Default::default() };
+        assert!(report_table(&report).contains("r7"));
+        assert!(!report_table(&report).contains("more failed"));
+        assert!(report_json(&report).get("failures_omitted").is_none());
+        report.failures_omitted = 1234;
+        assert!(report_table(&report).contains("1234 more failed record(s)"), "{}", report_table(&report));
+        assert_eq!(report_json(&report)["failures_omitted"], 1234);
+    }
 }
