@@ -31,6 +31,9 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log line format on stderr: `text`, or `json` (one object per line).
+    #[arg(long, global = true, env = "FANOUT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: fanout::telemetry::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -236,7 +239,7 @@ async fn demo(args: DemoArgs) -> Result<i32> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    fanout::telemetry::init("warn");
+    fanout::telemetry::init("warn", cli.log_format);
     // `run` follows one call while its input is read on a thread of its
     // own, so one runtime thread is plenty; and under mimalloc's per-thread
     // heaps every worker that frees what another allocated adds RSS (a

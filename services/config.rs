@@ -17,6 +17,10 @@ const MIB: usize = 1024 * 1024;
     about = "Serves fanout.v1.RecordProcessor: processes one record per call with the `digest` workload."
 )]
 pub struct ProcessorConfig {
+    /// Log line format on stderr: `text`, or `json` (one object per line,
+    /// with run id, record id and attempt as fields).
+    #[arg(long, env = "FANOUT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
     /// Address to listen on; port 0 picks a free one (the startup line shows it).
     #[arg(long, env = "FANOUT_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: String,
@@ -122,6 +126,10 @@ impl ProcessorConfig {
     about = "Serves fanout.v1.Pipeline: fans runs of records out over RecordProcessor instances."
 )]
 pub struct PipelineConfig {
+    /// Log line format on stderr: `text`, or `json` (one object per line,
+    /// with run id, record id and attempt as fields).
+    #[arg(long, env = "FANOUT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
     /// Address to listen on; port 0 picks a free one (the startup line shows it).
     #[arg(long, env = "FANOUT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,

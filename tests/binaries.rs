@@ -205,3 +205,54 @@ async fn fanout_run_writes_each_result_to_an_ndjson_file_as_it_arrives() {
     assert_eq!(seen, ids(25), "every record's result, once");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_run_and_record_ids_as_fields() {
+    let dir = std::env::temp_dir().join(format!("fanout-json-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (proc_log, pipe_log) = (dir.join("processor.log"), dir.join("pipeline.log"));
+    let file = |p: &std::path::Path| Stdio::from(std::fs::File::create(p).unwrap());
+    let json = ["--log-format", "json"];
+    let exe = env!("CARGO_BIN_EXE_fanout-processor");
+    let args = [&["--listen", "127.0.0.1:0"][..], &json].concat();
+    let mut p = Server::start_logging(exe, "fanout-processor", &args, "debug", file(&proc_log));
+    let exe = env!("CARGO_BIN_EXE_fanout-pipeline");
+    let url = p.url();
+    let args = [&["--listen", "127.0.0.1:0", "--processors", &url][..], &json].concat();
+    let mut pipe = Server::start_logging(exe, "fanout-pipeline", &args, "info", file(&pipe_log));
+    let mut client = pipeline_client(&pipe.url()).await;
+    let mut req = run_request(records(3));
+    req.run_id = "json-run".into();
+    req.params = Some(rounds(ROUNDS));
+    let got = run_ok(&mut client, req).await;
+    assert_eq!(got.status(), proto::RunStatus::Succeeded);
+    drop(client);
+    for s in [&mut pipe, &mut p] {
+        let _ = Command::new("kill").args(["-TERM", &s.pid()]).status();
+        s.wait_exit(Duration::from_secs(10));
+    }
+    let lines = |path: &std::path::Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+    let in_span = |line: &serde_json::Value, field: &str, value: &str| {
+        line["spans"].as_array().is_some_and(|spans| spans.iter().any(|s| s[field] == value))
+    };
+    // The pipeline: "run finished" as a JSON line, its run id a field of the run's span.
+    let pipe_lines = lines(&pipe_log);
+    let finished = pipe_lines.iter().find(|l| l["message"] == "run finished").expect("a run finished line");
+    assert!(in_span(finished, "run_id", "json-run"), "{finished}");
+    assert_eq!(finished["level"], "INFO");
+    // The processor: each record's lines carry the run id, record id and attempt.
+    let proc_lines = lines(&proc_log);
+    for id in ids(3) {
+        let done = proc_lines
+            .iter()
+            .find(|l| l["message"] == "record done" && in_span(l, "record_id", &id))
+            .unwrap_or_else(|| panic!("no `record done` line for {id}"));
+        assert!(in_span(done, "run_id", "json-run"), "{done}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

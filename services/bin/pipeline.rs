@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = PipelineConfig::parse();
-    fanout::telemetry::init("info");
+    fanout::telemetry::init("info", cfg.log_format);
     let running = server::start_pipeline(&cfg).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-pipeline listening on {}", running.addr);

@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = ProcessorConfig::parse();
-    fanout::telemetry::init("info");
+    fanout::telemetry::init("info", cfg.log_format);
     let (running, _stats) = server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-processor listening on {}", running.addr);

@@ -445,6 +445,23 @@ pub async fn collect_stream(
     Ok(StreamCollected { started, records, progress, end })
 }
 
+/// Reads what is left of a stalled run's stream (under [`WAIT`]): it must
+/// end without a report.
+pub async fn assert_ends_without_report(stream: &mut tonic::Streaming<proto::RunEvent>) {
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    assert!(!matches!(ev.event, Some(Event::Report(_))), "a stalled run reported")
+                }
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a stalled run's stream did not end");
+}
+
 /// Runs `req`, expecting it to be accepted.
 pub async fn run_ok(client: &mut PipelineClient<Channel>, req: proto::RunRequest) -> Collected {
     run(client, req).await.expect("Run rejected")
@@ -746,12 +763,17 @@ impl Server {
     /// Starts `exe` with `args` and reads the bound address from its startup
     /// line `NAME listening on ADDR`.
     pub fn start(exe: &str, name: &str, args: &[&str]) -> Self {
+        Self::start_logging(exe, name, args, "warn", Stdio::null())
+    }
+
+    /// [`Server::start`] with `RUST_LOG=rust_log` and stderr to `stderr`.
+    pub fn start_logging(exe: &str, name: &str, args: &[&str], rust_log: &str, stderr: Stdio) -> Self {
         let child = Command::new(exe)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {exe}: {e}"));
         let mut server = Server { child, addr: "0.0.0.0:0".parse().unwrap() };
