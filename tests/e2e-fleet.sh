@@ -245,7 +245,7 @@ for i in range($records): print(json.dumps({'id': 'rec-%05d' % i, 'attributes': 
 
 # ---- the main run, with a join and a cut ----------------------------------
 t0=$(date +%s.%N)
-"${client[@]}" "$tmp/records.ndjson" >"$tmp/report.json" 2>"$tmp/client.err" &
+"${client[@]}" --output "$tmp/results.ndjson" "$tmp/records.ndjson" >"$tmp/report.json" 2>"$tmp/client.err" &
 client_pid=$!
 pids+=("$client_pid")
 
@@ -278,7 +278,10 @@ tmp, records, rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t0, t_join, t_cut, t_end = map(float, sys.argv[4:8])
 ip_p2, ip_p3 = sys.argv[8], sys.argv[9]
 rep = json.load(open(f"{tmp}/report.json"))
-results, summary = rep.get("results", []), rep.get("summary", {})
+# fanout run streams (RunStream): the report carries failures only; every
+# result is in the --output file, one JSON object per line.
+results = [json.loads(l) for l in open(f"{tmp}/results.ndjson") if l.strip()]
+summary = rep.get("summary", {})
 failures = []
 def check(ok, what):
     if not ok:

@@ -437,6 +437,7 @@ async fn execute_inner(
                                     record_id = ?p.record.id,
                                     index = p.index,
                                     attempt = p.attempts,
+                                    processor = %p.last.as_ref().map_or("", |e| e.addr.as_str()),
                                     error = %status.message(),
                                     code = ?code,
                                     delay_ms = delay.as_millis() as u64,
