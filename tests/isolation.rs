@@ -8,23 +8,10 @@ use common::*;
 use fanout::proto::{self, run_event::Event};
 use fanout::workload::Digest;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-/// A client whose HTTP/2 windows are small, so a stream it does not read
-/// stalls its sender quickly.
-async fn small_window_client(url: &str) -> fanout::proto::pipeline_client::PipelineClient<Channel> {
-    let ch = Endpoint::from_shared(url.to_owned())
-        .unwrap()
-        .initial_stream_window_size(16 * 1024)
-        .initial_connection_window_size(64 * 1024)
-        .connect()
-        .await
-        .unwrap();
-    fanout::proto::pipeline_client::PipelineClient::new(ch)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_read_slow_only_their_own_runs() {

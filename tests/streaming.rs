@@ -110,14 +110,7 @@ async fn a_client_that_stops_reading_slows_its_run_and_is_cancelled() {
     cfg.stalled_client_timeout = Duration::from_secs(2);
     let pipeline = fanout::server::start_pipeline(&cfg).await.unwrap();
     // Small receive windows, so unread events stop the pipeline's sends soon.
-    let ch = tonic::transport::Endpoint::from_shared(pipeline.url())
-        .unwrap()
-        .initial_stream_window_size(16 * 1024)
-        .initial_connection_window_size(64 * 1024)
-        .connect()
-        .await
-        .unwrap();
-    let mut client = proto::pipeline_client::PipelineClient::new(ch);
+    let mut client = small_window_client(&pipeline.url()).await;
     let ids: Vec<String> = (0..20_000).map(|i| format!("r{i:05}-{}", "y".repeat(100))).collect();
     let input = tokio_stream::iter(stream_of(&ids, 500, Default::default()));
     let mut stream = client.run_stream(input).await.unwrap().into_inner();

@@ -183,7 +183,7 @@ impl StreamInput {
                     "the input ended after {after} records without `done` (an InputDone with the record count)"
                 )));
             }
-            Some(Err(status)) => return Err(read_error(status, after)),
+            Some(Err(status)) => return Err(self.read_error(status)),
             Some(Ok(m)) => m,
         };
         match message.input {
@@ -211,6 +211,36 @@ impl StreamInput {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// What a failure to read the input means for the client: tonic's own
+    /// answers to an oversized or undecodable message say nothing of where;
+    /// a message refused by the memory budget names it.
+    fn read_error(&self, status: tonic::Status) -> Error {
+        let after = self.received;
+        match status.code() {
+            tonic::Code::OutOfRange if status.message().contains("message length too large") => {
+                Error::InvalidArgument(format!(
+                    "input message after record {after} is over the limit (set by --max-message-bytes): {}",
+                    status.message()
+                ))
+            }
+            tonic::Code::Internal if status.message().starts_with("failed to decode") => {
+                Error::InvalidArgument(format!(
+                    "input message after record {after} could not be decoded: {}",
+                    status.message()
+                ))
+            }
+            tonic::Code::ResourceExhausted => Error::Exhausted {
+                what: format!("input message after record {after}: {}", status.message()),
+                limit: self.budget.total() as u64,
+                setting: "--run-memory-budget",
+            },
+            _ => Error::Cancelled(format!(
+                "reading the input after record {after} failed: {}",
+                status.message()
+            )),
         }
     }
 
@@ -244,28 +274,6 @@ impl StreamInput {
             return Err(Error::invalid_record(position, id, "id", "repeats the id of an earlier record"));
         }
         Ok(())
-    }
-}
-
-/// What a failure to read the input means for the client: tonic's own
-/// answers to an oversized or undecodable message say nothing of where.
-fn read_error(status: tonic::Status, after: u64) -> Error {
-    match status.code() {
-        tonic::Code::OutOfRange if status.message().contains("message length too large") => {
-            Error::InvalidArgument(format!(
-                "input message after record {after} is over the limit (set by --max-message-bytes): {}",
-                status.message()
-            ))
-        }
-        tonic::Code::Internal if status.message().starts_with("failed to decode") => Error::InvalidArgument(
-            format!("input message after record {after} could not be decoded: {}", status.message()),
-        ),
-        tonic::Code::ResourceExhausted => Error::Exhausted {
-            what: format!("input message after record {after}: {}", status.message()),
-            limit: 0,
-            setting: "--run-memory-budget",
-        },
-        _ => Error::Cancelled(format!("reading the input after record {after} failed: {}", status.message())),
     }
 }
 

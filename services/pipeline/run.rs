@@ -345,6 +345,18 @@ async fn execute_inner(
     let mut tasks: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();
     let mut again: VecDeque<Pending> = VecDeque::new();
     let mut stop: Option<Stop> = None;
+    // What records cancelled by the stop are told: set once, when it stops,
+    // so every one of them reads the same counts.
+    let mut reason = String::new();
+    // Stops the run early: calls and backoffs hand their records back.
+    macro_rules! halt {
+        ($why:expr) => {{
+            let why = $why;
+            reason = stop_reason(&why, &opts, &report, source.total());
+            stop = Some(why);
+            ctx.stop.cancel();
+        }};
+    }
     // Since when the run has waited for input it wants.
     let mut input_wait: Option<tokio::time::Instant> = None;
     loop {
@@ -387,8 +399,7 @@ async fn execute_inner(
             _ = control.client_gone.cancelled() => return gone(Gone::Left, &control),
             _ = control.shutdown.cancelled(), if stop.is_none() => {
                 warn!("pipeline shutting down; run cancelled");
-                stop = Some(Stop::Abort(Abort::Shutdown));
-                ctx.stop.cancel();
+                halt!(Stop::Abort(Abort::Shutdown));
             }
             sent = outbox.send_one(), if blocked => {
                 if let Err(why) = sent {
@@ -414,10 +425,9 @@ async fn execute_inner(
                             again.push_front(p);
                             continue;
                         }
-                        Step::Stopped => Outcome::Failed(Failure {
-                            code: tonic::Code::Cancelled,
-                            message: stop_reason(stop.as_ref(), &opts, &report, source.total()),
-                        }),
+                        Step::Stopped => {
+                            Outcome::Failed(Failure { code: tonic::Code::Cancelled, message: reason.clone() })
+                        }
                         Step::NotStarted(status) if p.not_started < MAX_NOT_STARTED => {
                             p.not_started += 1;
                             debug!(record_id = ?p.record.id, code = ?status.code(), "record not started; sent again");
@@ -467,27 +477,24 @@ async fn execute_inner(
                     )
                 {
                     warn!(failed = report.failed(), finished = report.finished(), "too many failed records; run aborted");
-                    stop = Some(Stop::Abort(Abort::TooManyFailures));
-                    ctx.stop.cancel();
+                    halt!(Stop::Abort(Abort::TooManyFailures));
                 }
             }
             message = async { source.stream().expect("a stream wants input").next_message().await }, if wants_input => {
                 input_wait = None;
                 if let Err(fault) = source.stream().expect("a stream").accept(message) {
                     warn!(error = %fault, received = source.received(), "bad input; run ended");
-                    stop = Some(Stop::Fault(fault));
-                    ctx.stop.cancel();
+                    halt!(Stop::Fault(fault));
                 }
             }
             _ = sleep_until(input_deadline), if input_deadline.is_some() => {
                 let waited = control.stalled_client_timeout;
                 warn!(received = source.received(), waited_ms = waited.as_millis() as u64, "client sent no input; run ended");
-                stop = Some(Stop::Fault(Error::DeadlineExceeded(format!(
+                halt!(Stop::Fault(Error::DeadlineExceeded(format!(
                     "no input for {waited:?} after record {} while the run waited for more (set by \
                      --stalled-client-timeout)",
                     source.received()
                 ))));
-                ctx.stop.cancel();
             }
             _ = progress.tick() => {
                 outbox.offer(RunEvent::Progress(RunProgress {
@@ -504,7 +511,6 @@ async fn execute_inner(
     }
     // Stopped early: what was received and never finished is reported.
     if stop.is_some() {
-        let reason = stop_reason(stop.as_ref(), &opts, &report, source.total());
         let left: Vec<Pending> = again
             .drain(..)
             .chain(source.drain_received().into_iter().map(|(i, r)| Pending::new(i, r)))
@@ -548,13 +554,13 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// What a record cancelled by an early stop is told.
 fn stop_reason(
-    stop: Option<&Stop>,
+    stop: &Stop,
     opts: &crate::domain::RunOptions,
     report: &ReportBuilder,
     total: Option<u64>,
 ) -> String {
     match stop {
-        Some(Stop::Abort(Abort::TooManyFailures)) => {
+        Stop::Abort(Abort::TooManyFailures) => {
             let count = opts.tolerated_failures.map_or("unset".into(), |t| t.to_string());
             let share = opts.tolerated_failure_percentage.map_or("unset".into(), |p| format!("{p}%"));
             match total.and_then(|n| {
@@ -573,9 +579,11 @@ fn stop_reason(
                 ),
             }
         }
-        Some(Stop::Abort(Abort::Shutdown)) => "run cancelled: the pipeline is shutting down".to_owned(),
-        Some(Stop::Fault(fault)) => format!("run ended by bad input: {fault}"),
-        None => "run stopped".to_owned(),
+        Stop::Abort(Abort::Shutdown) => "run cancelled: the pipeline is shutting down".to_owned(),
+        Stop::Fault(fault) if fault.code() == tonic::Code::InvalidArgument => {
+            format!("run ended by bad input: {fault}")
+        }
+        Stop::Fault(fault) => format!("run ended: {fault}"),
     }
 }
 
@@ -722,16 +730,16 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
 /// One record's outcome in a `ProcessBatch` response.
 fn batch_step(item: proto::BatchItem) -> Step {
     match item.outcome {
-        Some(proto::batch_item::Outcome::Processed(resp)) => {
-            if resp.encoded_len() > super::balancer::MAX_RESPONSE_BYTES {
-                return Step::Failed(tonic::Status::out_of_range(format!(
-                    "the record's result is {} bytes, over the limit of {} for one result",
-                    resp.encoded_len(),
+        Some(proto::batch_item::Outcome::Processed(resp)) => match resp.encoded_len() {
+            // The limit a ProcessRecord response meets: any result fits in one event.
+            len if len > super::balancer::MAX_RESPONSE_BYTES => {
+                Step::Failed(tonic::Status::out_of_range(format!(
+                    "the record's result is {len} bytes, over the limit of {} for one result",
                     super::balancer::MAX_RESPONSE_BYTES
-                )));
+                )))
             }
-            Step::Succeeded(resp)
-        }
+            _ => Step::Succeeded(resp),
+        },
         Some(proto::batch_item::Outcome::Error(e)) => {
             Step::Failed(tonic::Status::new(e.code.into(), e.message))
         }

@@ -94,6 +94,19 @@ pub async fn pipeline_client(url: &str) -> PipelineClient<Channel> {
     PipelineClient::new(ch)
 }
 
+/// A pipeline client whose HTTP/2 windows are small, so a stream it does
+/// not read stalls its sender quickly.
+pub async fn small_window_client(url: &str) -> PipelineClient<Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .initial_stream_window_size(16 * 1024)
+        .initial_connection_window_size(64 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    PipelineClient::new(ch)
+}
+
 /// A connected `RecordProcessor` client.
 pub async fn processor_client(url: &str) -> RecordProcessorClient<Channel> {
     let ch = tokio::time::timeout(WAIT, Channel::from_shared(url.to_owned()).unwrap().connect())
