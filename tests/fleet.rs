@@ -10,22 +10,37 @@ use fanout::proto;
 use futures::future::BoxFuture;
 use serde_json::json;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A name server the test edits: every name has the addresses set last.
 #[derive(Clone, Default)]
-struct Dns(Arc<Mutex<Vec<SocketAddr>>>);
+struct Dns {
+    addrs: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Lookups answered so far.
+    lookups: Arc<AtomicUsize>,
+}
 
 impl Dns {
     fn set(&self, procs: &[&Proc]) {
-        *self.0.lock().unwrap() = procs.iter().map(|p| p.running.addr).collect();
+        *self.addrs.lock().unwrap() = procs.iter().map(|p| p.running.addr).collect();
+    }
+
+    /// Waits until the pipeline has applied what was set last: the
+    /// resolver looks names up one round at a time, so once a second
+    /// lookup has begun since now, the round that saw the set is applied.
+    async fn applied(&self) {
+        let now = self.lookups.load(Ordering::SeqCst);
+        wait_until("the resolver to apply the change", || self.lookups.load(Ordering::SeqCst) >= now + 2)
+            .await;
     }
 }
 
 impl Resolve for Dns {
     fn resolve(&self, _host: &str, _port: u16) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
-        let addrs = self.0.lock().unwrap().clone();
+        let addrs = self.addrs.lock().unwrap().clone();
+        self.lookups.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move { Ok(addrs) })
     }
 }
@@ -68,6 +83,7 @@ async fn instances_join_and_leave_mid_run_through_the_resolver() {
     wait_until("p2 to get records", || get(&p2.stats.records_started) >= 5).await;
     // p1 leaves: no new attempts; its in-flight records finish there.
     dns.set(&[&p2]);
+    dns.applied().await;
     wait_until("p1 to be idle", || get(&p1.stats.records_started) == get(&p1.stats.records_succeeded)).await;
     let p1_done = get(&p1.stats.records_started);
     let got = run.await.unwrap().expect("Run accepted");
