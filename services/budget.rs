@@ -12,7 +12,6 @@
 //! while it works on the record.
 
 use crate::error::Error;
-use crate::processor::NOT_STARTED_KEY;
 use http_body::Frame;
 use prost::bytes::Bytes;
 use std::convert::Infallible;
@@ -141,9 +140,12 @@ where
 /// so that concurrent large requests are each admitted whole or refused at
 /// their first bytes, rather than all taking part of the budget and all
 /// failing halfway. In a streamed request, a message's bytes are given back
-/// when the next message's header arrives (tonic reads on only once the
-/// handler has taken the message before). When tonic drops the body after
-/// decoding, what it holds moves to the request's [`HeldBudget`].
+/// when the next message's header arrives. That is an approximation: tonic
+/// reads on when the handler asks for the next message, but a chunk that
+/// holds the end of one message and the start of the next releases the
+/// first a little before it is decoded; for large messages, which span many
+/// chunks, it is exact. When tonic drops the body after decoding, what it
+/// holds moves to the request's [`HeldBudget`].
 struct BudgetedBody {
     inner: Body,
     memory: Arc<Semaphore>,
@@ -230,7 +232,7 @@ impl BudgetedBody {
             }
             Some(None) => Ok(()),
             None => {
-                let mut status = tonic::Status::from(Error::Exhausted {
+                let status = tonic::Status::from(Error::Exhausted {
                     what: format!(
                         "a request of {bytes} bytes needs {} bytes of the memory budget while it is decoded \
                          ({DECODE_FACTOR} per byte) and {} are free; it was not started",
@@ -241,8 +243,7 @@ impl BudgetedBody {
                     setting: self.setting,
                 });
                 // Refused before anything was done: safe to send again.
-                status.metadata_mut().insert(NOT_STARTED_KEY, "true".parse().expect("ascii"));
-                Err(status)
+                Err(crate::processor::not_started(status))
             }
         }
     }

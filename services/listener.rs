@@ -240,23 +240,6 @@ pub struct ConnInfo {
     state: Arc<ConnState>,
 }
 
-impl ConnInfo {
-    /// The TCP addresses of the connection.
-    pub fn tcp(&self) -> &TcpConnectInfo {
-        &self.tcp
-    }
-
-    /// The peer's address.
-    pub fn remote_addr(&self) -> Option<SocketAddr> {
-        self.tcp.remote_addr()
-    }
-
-    /// Calls open on the connection right now.
-    pub fn open_calls(&self) -> usize {
-        self.state.open.load(Ordering::Acquire)
-    }
-}
-
 // ------------------------------------------------------------ connection
 
 /// Counts the bytes of the client preface and first frame (SETTINGS) until

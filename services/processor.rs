@@ -92,7 +92,7 @@ pub fn is_not_started(status: &Status) -> bool {
 }
 
 /// `status` marked not started.
-fn not_started(mut status: Status) -> Status {
+pub(crate) fn not_started(mut status: Status) -> Status {
     status.metadata_mut().insert(NOT_STARTED_KEY, "true".parse().expect("ascii"));
     status
 }
@@ -132,23 +132,34 @@ impl<W: Workload> ProcessorService<W> {
     }
 }
 
+impl<W: Workload> ProcessorService<W> {
+    /// Takes a call in: its share of the memory budget (what decoding it
+    /// took stays taken while it waits and is worked on) and a slot; refused
+    /// as not started while shutting down (a pipeline sends the `what`
+    /// elsewhere, without counting an attempt) or when full.
+    async fn admit<T>(
+        &self,
+        request: &Request<T>,
+        what: &str,
+    ) -> Result<(Option<OwnedSemaphorePermit>, OwnedSemaphorePermit), Status> {
+        let budget = request.extensions().get::<HeldBudget>().and_then(HeldBudget::take);
+        if self.draining.is_cancelled() {
+            return Err(not_started(Status::unavailable(format!(
+                "processor {} is shutting down: the {what} was not started",
+                self.description.name
+            ))));
+        }
+        Ok((budget, self.admission.admit().await?))
+    }
+}
+
 #[tonic::async_trait]
 impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorService<W> {
     async fn process_record(
         &self,
         request: Request<proto::ProcessRecordRequest>,
     ) -> Result<Response<proto::ProcessRecordResponse>, Status> {
-        // What decoding this request took of the memory budget stays taken
-        // while the record waits and is worked on.
-        let _budget = request.extensions().get::<HeldBudget>().and_then(HeldBudget::take);
-        if self.draining.is_cancelled() {
-            // A pipeline sends it elsewhere, without counting an attempt.
-            return Err(not_started(Status::unavailable(format!(
-                "processor {} is shutting down: the record was not started",
-                self.description.name
-            ))));
-        }
-        let _slot = self.admission.admit().await?;
+        let _held = self.admit(&request, "record").await?;
         let task = convert::record_task_from_proto(request.into_inner())?;
         let record_id = task.record.id.clone();
         // If the caller cancels (or the call's deadline passes), tonic drops
@@ -162,15 +173,8 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
         &self,
         request: Request<proto::ProcessBatchRequest>,
     ) -> Result<Response<proto::ProcessBatchResponse>, Status> {
-        let _budget = request.extensions().get::<HeldBudget>().and_then(HeldBudget::take);
-        if self.draining.is_cancelled() {
-            return Err(not_started(Status::unavailable(format!(
-                "processor {} is shutting down: the batch was not started",
-                self.description.name
-            ))));
-        }
         // One slot for the call, as a pipeline counts it.
-        let _slot = self.admission.admit().await?;
+        let _held = self.admit(&request, "batch").await?;
         let request = request.into_inner();
         let timeout = match &request.record_timeout {
             None => None,

@@ -131,6 +131,9 @@ async fn a_processor_frozen_mid_run_loses_no_record() {
     // its connections.
     let collect = run_interrupted(&mut client, req, || signal("-STOP", &b));
     let got = tokio::time::timeout(WAIT, collect).await.expect("run timed out");
+    // Found by its failed probe: a probe interval (2 s) plus the probe's
+    // own timeout (2 s) after the stop, with room for the run around it,
+    // and far below the 60 s record timeout that would otherwise decide.
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "the lost host was found in {:?}",

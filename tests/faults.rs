@@ -318,7 +318,11 @@ async fn a_failure_percentage_is_judged_as_records_finish() {
     req.options.as_mut().unwrap().tolerated_failures = Some(1);
     let got = run_ok(&mut client, req).await;
     assert_eq!(got.status(), proto::RunStatus::Failed);
-    assert_eq!(got.records.iter().filter(|r| r.error.as_ref().is_some_and(|e| e.code == 9)).count(), 2);
+    // tolerated_failures = 1: the second permanent failure stops the run.
+    let permanent = |r: &&proto::RecordResult| {
+        r.error.as_ref().is_some_and(|e| e.code == Code::FailedPrecondition as i32)
+    };
+    assert_eq!(got.records.iter().filter(permanent).count(), 2);
 
     // Out of range or not a number: INVALID_ARGUMENT naming the field.
     for bad in [-1.0, 100.5, f64::NAN] {

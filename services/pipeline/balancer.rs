@@ -356,6 +356,9 @@ pub struct Balancer {
     pub(super) resolve_soon: Notify,
     /// Whether some instance is usable, for the pipeline's readiness.
     usable_tx: watch::Sender<bool>,
+    /// Held by the one run checking the fleet itself ([`Balancer::ensure_ready`]),
+    /// so that runs arriving together share one round of lookups and probes.
+    ready_round: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -523,10 +526,11 @@ impl Lease {
                     if never_sent(&status) {
                         return Err(CallError::NotStarted(status));
                     }
-                    // hyper reports a call whose connection died under it
-                    // (the instance crashed) as "operation was canceled",
-                    // which tonic maps to CANCELLED; that is the instance
-                    // being unavailable, and worth another attempt elsewhere.
+                    // A transport CANCELLED left here is the stream reset
+                    // under the call (HTTP/2 CANCEL: the instance or its
+                    // connection went away mid-call); "operation was
+                    // canceled" (never sent) was taken above. That is the
+                    // instance being unavailable, worth an attempt elsewhere.
                     if status.code() == tonic::Code::Cancelled {
                         return Err(CallError::Failed(tonic::Status::unavailable(format!(
                             "{} ({}: connection lost)",
@@ -575,6 +579,7 @@ impl Balancer {
             next_run: AtomicU64::new(1),
             origin: Instant::now(),
             probe_soon: Notify::new(),
+            ready_round: tokio::sync::Mutex::new(()),
             resolve_soon: Notify::new(),
             usable_tx,
         };
@@ -846,13 +851,25 @@ impl Balancer {
     /// now, and fails with `UNAVAILABLE` naming each when none is usable. (A
     /// run is not accepted on health older than a probe interval.)
     pub async fn ensure_ready(self: &Arc<Self>) -> Result<(), Error> {
-        let interval = u64::try_from(self.opts.health_interval.as_nanos()).unwrap_or(u64::MAX);
-        let fresh = self.now_ns().saturating_sub(interval);
-        let endpoints = self.endpoints();
-        // An instance never probed yet (just started, just joined) is
-        // probed first, so that the run spreads over it too.
-        let unknown = endpoints.iter().any(|ep| ep.state.load(Ordering::Relaxed) == UNKNOWN);
-        if !unknown && endpoints.iter().any(|ep| ep.usable() && ep.last_ok.load(Ordering::Relaxed) >= fresh) {
+        // Health is fresh for a probe interval plus the time a probe round
+        // may take, so the wait between two periodic rounds is never stale.
+        let window = self.opts.health_interval + self.opts.connect_timeout;
+        let window = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        let ready_now = || {
+            let fresh = self.now_ns().saturating_sub(window);
+            let endpoints = self.endpoints();
+            // An instance never probed yet (just started, just joined) is
+            // probed first, so that the run spreads over it too.
+            let unknown = endpoints.iter().any(|ep| ep.state.load(Ordering::Relaxed) == UNKNOWN);
+            !unknown && endpoints.iter().any(|ep| ep.usable() && ep.last_ok.load(Ordering::Relaxed) >= fresh)
+        };
+        if ready_now() {
+            return Ok(());
+        }
+        // One round at a time; a run that waited for another's round looks
+        // at its outcome before starting its own.
+        let _round = self.ready_round.lock().await;
+        if ready_now() {
             return Ok(());
         }
         let resolved = tokio::time::timeout(self.opts.connect_timeout, self.resolve_all()).await;

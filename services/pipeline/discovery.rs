@@ -115,17 +115,23 @@ impl Balancer {
     /// Looks every name up once, now, and applies the answers. Returns what
     /// failed, one line each (the last good set stays in use for those).
     pub async fn resolve_all(self: &Arc<Self>) -> Vec<String> {
-        let mut failures = Vec::new();
-        for (i, target) in self.targets().iter().enumerate() {
-            let Some(name) = target.name() else { continue };
-            let answer = tokio::time::timeout(LOOKUP_TIMEOUT, self.resolver().resolve(name, target.port))
-                .await
-                .unwrap_or_else(|_| {
+        // All names at once: one slow name must not hold up the others.
+        let lookups = self.targets().iter().enumerate().filter_map(|(i, target)| {
+            let name = target.name()?;
+            let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, self.resolver().resolve(name, target.port));
+            Some(async move {
+                let answer = lookup.await.unwrap_or_else(|_| {
                     Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!("no answer in {LOOKUP_TIMEOUT:?}"),
                     ))
                 });
+                (i, target, answer)
+            })
+        });
+        let answers = futures::future::join_all(lookups).await;
+        let mut failures = Vec::new();
+        for (i, target, answer) in answers {
             match answer {
                 Ok(mut addrs) if !addrs.is_empty() => {
                     addrs.sort();

@@ -458,8 +458,8 @@ pub async fn collect_stream(
     Ok(StreamCollected { started, records, progress, end })
 }
 
-/// Reads what is left of a stalled run's stream (under [`WAIT`]): it must
-/// end without a report.
+/// Reads what is left of a stalled run's stream (under 30 s: a stalled
+/// run ends at its stalled-client timeout): it must end without a report.
 pub async fn assert_ends_without_report(stream: &mut tonic::Streaming<proto::RunEvent>) {
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
