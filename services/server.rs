@@ -338,6 +338,9 @@ fn spawn(
 ) -> Running {
     let stop = CancellationToken::new();
     let sever = CancellationToken::new();
+    /// Receive windows of each call and each connection (see below).
+    const STREAM_WINDOW: u32 = 64 * 1024;
+    const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
     /// How often each connection is pinged (HTTP/2 PING)...
     const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
     /// ...and how long its answer may take before the connection is closed.
@@ -351,7 +354,20 @@ fn spawn(
     // "Rapid Reset") and hyper's 16 KiB header list limit stay as they are.
     // Keepalive pings find dead peers (a call on a silent connection would
     // otherwise wait forever).
+    //
+    // The receive windows keep unread request DATA frames within h2's
+    // budget for them (half the connection window): a `RunStream` client
+    // sending one small record per message while its run waits for the
+    // fleet leaves one small frame per message unread, each charged about
+    // 250 bytes, and under hyper's defaults (1 MiB stream window, 1 MiB
+    // connection window, 512 KiB budget) about 2,300 of them made h2 close
+    // the connection (ENHANCE_YOUR_CALM). A 64 KiB stream window holds at
+    // most ~5,500 frames of 12 bytes (~1.3 MB of budget), under the 2 MiB a
+    // 4 MiB connection window gives, and a connection's unread requests
+    // stay within 4 MiB.
     let builder = Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(connections.max_concurrent_streams.max(1))
         .http2_max_local_error_reset_streams(Some(1024))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))

@@ -104,6 +104,67 @@ async fn input_that_outruns_the_fleet_waits_in_the_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tiny_record_per_message_to_a_blocked_fleet_keeps_the_connection() {
+    // A client that sends each record in its own message, each flushed as
+    // its own small DATA frame, while its run cannot dispatch: the unread
+    // frames must stay within what h2 lets a peer leave unread (before the
+    // pipeline set its receive windows, h2 closed the connection within
+    // 0.2 s here).
+    let gate = Gate::closed();
+    let _open = gate.open_on_drop();
+    let script = Arc::new(Script::new());
+    let p = start_processor(TestWorkload::new("p", &script).gated(&gate)).await;
+    let mut cfg = pipeline_config(std::slice::from_ref(&p.url));
+    cfg.progress_interval = Duration::from_millis(20);
+    let pipeline = fanout::server::start_pipeline(&cfg).await.unwrap();
+    let mut client = pipeline_client(&pipeline.url()).await;
+    const N: usize = 20_000;
+    let opts = proto::RunOptions { max_in_flight: 4, ..Default::default() };
+    let ids: Vec<String> = (0..N).map(|i| format!("r{i}")).collect();
+    let mut msgs = vec![header_msg(opts, rounds(1))];
+    msgs.extend(ids.iter().map(|id| batch_msg(vec![record_with(id, json!({"units": 1}))])));
+    msgs.push(done_msg(N as u64));
+    // One message at a time, yielding between them, so the client's encoder
+    // never packs several into one frame.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for m in msgs {
+            if tx.send(m).await.is_err() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    let mut stream =
+        client.run_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    // Half a second of the client pushing against a blocked run.
+    let mut seen = 0;
+    while seen < 25 {
+        let ev = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+        match ev.expect("the stream failed while the fleet was blocked").expect("ended").event.unwrap() {
+            Event::Progress(_) => seen += 1,
+            Event::Started(_) => {}
+            other => panic!("nothing can finish yet: {other:?}"),
+        }
+    }
+    gate.open();
+    let mut done = 0;
+    let report = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), stream.message()).await.unwrap();
+        match ev.expect("the stream failed").expect("ended before the report").event.unwrap() {
+            Event::Record(r) => {
+                assert_eq!(r.status(), proto::RecordStatus::Succeeded, "{r:?}");
+                done += 1;
+            }
+            Event::Report(r) => break r,
+            _ => {}
+        }
+    };
+    assert_eq!(done, N);
+    assert_eq!(report.summary.unwrap().records_succeeded, N as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_slows_its_run_and_is_cancelled() {
     let p = start_processor(Digest::default()).await;
     let mut cfg = pipeline_config(std::slice::from_ref(&p.url));
