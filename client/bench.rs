@@ -18,6 +18,7 @@
 //!   for each: what picking an instance costs as the fleet grows.
 
 use crate::input::generated_records;
+use crate::procs::{KillOnDrop, Proc, cpu_seconds, peak_rss_mib};
 use crate::session;
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, ValueEnum};
@@ -34,9 +35,9 @@ use fanout::workload::digest::{default_unit_count, unit_value};
 use futures::StreamExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -296,7 +297,7 @@ impl RecordProcessor for Noop {
         // stands for a fleet with no capacity limit.
         Ok(tonic::Response::new(proto::DescribeResponse {
             name: "noop".into(),
-            slots: 4096,
+            slots: fanout::config::RunLimits::default().max_in_flight_limit as u32,
             max_batch_size: fanout::domain::MAX_BATCH_SIZE as u32,
             ..Default::default()
         }))
@@ -401,6 +402,9 @@ fn request(
     }
 }
 
+/// The longest one measured run may take before the bench gives up.
+const RUN_BOUND: Duration = Duration::from_secs(600);
+
 /// Runs `req`, checks every record succeeded, returns the report and wall time.
 async fn timed_run(
     client: &mut PipelineClient<Channel>,
@@ -408,7 +412,9 @@ async fn timed_run(
 ) -> Result<(proto::RunReport, Duration)> {
     let n = req.records.len() as u64;
     let t = Instant::now();
-    let report = session::run(client, req, false, None).await?;
+    let report = tokio::time::timeout(RUN_BOUND, session::run(client, req))
+        .await
+        .with_context(|| format!("a run of {n} records took over {RUN_BOUND:?}"))??;
     let wall = t.elapsed();
     let s = report.summary.unwrap_or_default();
     ensure!(
@@ -610,8 +616,9 @@ async fn batching(args: &BenchArgs, table: &mut Table) -> Result<()> {
     let mut all_bares = Vec::new();
     for &size in &args.batch_sizes {
         let size = size.max(1);
-        // Enough records in flight to keep `c` calls going at this size.
-        let in_flight = (c * size).min(4096);
+        // Enough records in flight to keep `c` calls going at this size,
+        // within what a run may ask for.
+        let in_flight = (c * size).min(fanout::config::RunLimits::default().max_in_flight_limit as u32);
         let req = |n| {
             let mut r = request(one_unit_records(n), 0, proto::UnitMode::Parallel, in_flight, true);
             r.options.as_mut().expect("options").max_batch_size = size;
@@ -652,13 +659,31 @@ async fn batching(args: &BenchArgs, table: &mut Table) -> Result<()> {
 
 // ----------------------------------------------------------------- stream
 
+/// A directory under the system's temporary one, removed with what it
+/// holds on drop (a failed scenario leaves no input file behind).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// `fanout run FILE` (this binary, in a child process) streaming an NDJSON
 /// file of tiny records (rounds 0, one unit) to a pipeline in a child
 /// process over two in-process processors; both children's peak RSS is
 /// read from /proc (the client's sampled every 50 ms while it runs).
 async fn stream(args: &BenchArgs, table: &mut Table) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("fanout-bench-stream-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = TempDir::new("fanout-bench-stream")?;
+    let dir = &dir.0;
     for &n in &args.stream_records {
         let file = dir.join(format!("records-{n}.ndjson"));
         {
@@ -669,11 +694,12 @@ async fn stream(args: &BenchArgs, table: &mut Table) -> Result<()> {
             out.flush()?;
         }
         let processors = start_processors(2).await?;
-        let pipeline = PipelineChild::spawn(&processors, 100_000).await?;
-        let idle = pipeline.peak_rss_mib()?;
+        // `--max-records` bounds `Run` only; a streamed run has no count limit.
+        let pipeline = spawn_pipeline(&processors, 100_000).await?;
+        let idle = peak_rss_mib(pipeline.pid())?;
         let exe = std::env::current_exe()?;
         let t = Instant::now();
-        let mut client = ChildGuard(
+        let mut client = KillOnDrop(
             Command::new(exe)
                 .arg("run")
                 .arg(&file)
@@ -693,8 +719,9 @@ async fn stream(args: &BenchArgs, table: &mut Table) -> Result<()> {
         let mut client_peak: f64 = 0.0;
         let deadline = Instant::now() + Duration::from_secs(1800);
         let status = loop {
+            // VmHWM only grows: the last reading before exit is the peak.
             if let Ok(rss) = peak_rss_mib(pid) {
-                client_peak = client_peak.max(rss);
+                client_peak = rss;
             }
             if let Some(status) = client.0.try_wait()? {
                 break status;
@@ -704,12 +731,12 @@ async fn stream(args: &BenchArgs, table: &mut Table) -> Result<()> {
         };
         let wall = t.elapsed();
         let printed = reader.await??;
-        let pipeline_peak = pipeline.peak_rss_mib()?;
+        let pipeline_peak = peak_rss_mib(pipeline.pid())?;
         drop(pipeline);
         for p in processors {
             p.shutdown().await?;
         }
-        std::fs::remove_file(&file)?;
+        std::fs::remove_file(&file)?; // about 50 MB per million records
         ensure!(status.success(), "fanout run of {n} records exited with {status}");
         let report: serde_json::Value = serde_json::from_str(&printed).context("the client's report")?;
         let done = report["summary"]["records_succeeded"].as_u64().unwrap_or_default();
@@ -735,7 +762,6 @@ async fn stream(args: &BenchArgs, table: &mut Table) -> Result<()> {
             table.target("<= 64 MiB", client_peak <= 64.0);
         }
     }
-    let _ = std::fs::remove_dir(&dir);
     Ok(())
 }
 
@@ -811,75 +837,27 @@ fn sorted_after_warmup(mut v: Vec<Duration>, warmup: usize) -> Vec<Duration> {
 
 // ------------------------------------------------------------------ scale
 
-/// Kills the child process on drop, so a failed bench leaves nothing behind.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Peak resident set size of a process, in MiB (VmHWM in /proc).
-fn peak_rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc status")?;
-    Ok(kb / 1024.0)
-}
-
-/// A pipeline in a child process (this binary, hidden subcommand), so that
-/// its own peak memory can be read; killed on drop.
-struct PipelineChild {
-    child: ChildGuard,
-    addr: String,
-}
-
-impl PipelineChild {
-    /// Starts a pipeline over `processors` accepting runs of up to
-    /// `max_records`, and waits for its startup line.
-    async fn spawn(processors: &[Running], max_records: usize) -> Result<Self> {
-        let urls: Vec<String> = processors.iter().map(Running::url).collect();
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .args(["serve-pipeline", "--listen", "127.0.0.1:0", "--max-records", &max_records.to_string()])
-            .args(["--processors", &urls.join(",")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the pipeline child")?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let child = ChildGuard(child);
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).map(|_| line)
-        })
-        .await??;
-        let addr =
-            line.trim().rsplit(' ').next().context("no address in the child's startup line")?.to_owned();
-        ensure!(line.contains("listening on"), "unexpected startup line from the pipeline child: {line:?}");
-        Ok(Self { child, addr })
-    }
-
-    /// Its peak RSS so far, in MiB.
-    fn peak_rss_mib(&self) -> Result<f64> {
-        peak_rss_mib(self.child.0.id())
-    }
+/// A pipeline in a child process (this binary, hidden subcommand) over
+/// `processors`, accepting `Run`s of up to `max_records`, so that its own
+/// peak memory and CPU time can be read; killed on drop.
+async fn spawn_pipeline(processors: &[Running], max_records: usize) -> Result<Proc> {
+    let urls: Vec<String> = processors.iter().map(Running::url).collect();
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["serve-pipeline", "--listen", "127.0.0.1:0", "--max-records", &max_records.to_string()])
+        .args(["--processors", &urls.join(",")])
+        .stderr(Stdio::inherit());
+    Proc::spawn(cmd, "the pipeline child").await
 }
 
 async fn scale(args: &BenchArgs, table: &mut Table) -> Result<()> {
     let n = args.scale_records;
     let processors = start_processors(1).await?;
-    let child = PipelineChild::spawn(&processors, n).await?;
-    let idle = child.peak_rss_mib()?;
+    let child = spawn_pipeline(&processors, n).await?;
+    let idle = peak_rss_mib(child.pid())?;
     let mut client = session::connect(&child.addr).await?;
     let req = request(one_unit_records(n), 0, proto::UnitMode::Parallel, 0, true);
     let (report, wall) = timed_run(&mut client, req).await?;
-    let peak = child.peak_rss_mib()?;
+    let peak = peak_rss_mib(child.pid())?;
     drop(child);
     for p in processors {
         p.shutdown().await?;
@@ -1008,14 +986,14 @@ async fn many_runs(args: &BenchArgs, table: &mut Table) -> Result<()> {
     // Two pipelines over the same processors, each in its own child process:
     // one takes the concurrent runs, the other the one-run baseline, so that
     // each one's peak RSS is its own.
-    let many = PipelineChild::spawn(&processors, per_run).await?;
-    let one = PipelineChild::spawn(&processors, total).await?;
+    let many = spawn_pipeline(&processors, per_run).await?;
+    let one = spawn_pipeline(&processors, total).await?;
     for child in [&many, &one] {
         // Warm-up: connections, and the pipeline's first look at its fleet.
         let (tallies, _) = concurrent_runs(&child.addr, 1, 100).await?;
         ensure!(tallies.iter().all(|t| t.succeeded), "warm-up run failed: {tallies:?}");
     }
-    let idle = many.peak_rss_mib()?;
+    let idle = peak_rss_mib(many.pid())?;
     let (mut rates, mut baselines, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut fewest_accepted, mut fewest_succeeded, mut failed) = (runs, runs, 0u64);
     let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
@@ -1043,7 +1021,7 @@ async fn many_runs(args: &BenchArgs, table: &mut Table) -> Result<()> {
         baselines.push(baseline);
         ratios.push(rate / baseline);
     }
-    let (peak_many, peak_one) = (many.peak_rss_mib()?, one.peak_rss_mib()?);
+    let (peak_many, peak_one) = (peak_rss_mib(many.pid())?, peak_rss_mib(one.pid())?);
     drop((many, one));
     for p in processors {
         p.shutdown().await?;
@@ -1096,22 +1074,6 @@ async fn many_runs(args: &BenchArgs, table: &mut Table) -> Result<()> {
 /// The longest one fleet run may take before the scenario gives up.
 const FLEET_RUN_BOUND: Duration = Duration::from_secs(300);
 
-/// CPU time (user + system, over all its threads, gone ones included) that
-/// a process has used so far, in seconds, from /proc (in ticks of 1/100 s,
-/// Linux's USER_HZ).
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name, in parentheses, may hold spaces: count from after it,
-    // where field 3 of the line comes first.
-    let (_, rest) = stat.rsplit_once(')').context("no command name in /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |field: usize| -> Result<f64> {
-        Ok(fields.get(field - 3).context("short /proc stat")?.parse::<f64>()?)
-    };
-    // utime and stime are fields 14 and 15.
-    Ok((ticks(14)? + ticks(15)?) / 100.0)
-}
-
 /// "1 instance", "8 instances".
 fn instances(n: usize) -> String {
     format!("{n} instance{}", if n == 1 { "" } else { "s" })
@@ -1123,7 +1085,7 @@ struct Fleet {
     size: usize,
     /// Its instances' addresses (`127.0.0.1:port`).
     addrs: Vec<String>,
-    child: PipelineChild,
+    child: Proc,
     client: PipelineClient<Channel>,
     rates: Vec<f64>,
     /// Paired with the smallest fleet's rate of the same repetition.
@@ -1140,7 +1102,7 @@ struct Fleet {
 
 /// Runs `n` records over this fleet once; returns records/s.
 async fn fleet_run(f: &mut Fleet, n: usize, in_flight: u32) -> Result<f64> {
-    let pid = f.child.child.0.id();
+    let pid = f.child.pid();
     let (pipeline0, rest0) = (cpu_seconds(pid)?, cpu_seconds(std::process::id())?);
     // Results in the report (not summary_only): their `processor` field
     // gives the spread. That costs every fleet size the same.
@@ -1198,10 +1160,10 @@ async fn fleet(args: &BenchArgs, table: &mut Table) -> Result<()> {
         let over = &processors[..size];
         // The warm-up run has at least 16 records per instance.
         let warm = n.max(16 * size);
-        let child = PipelineChild::spawn(over, warm).await?;
+        let child = spawn_pipeline(over, warm).await?;
         let client = session::connect(&child.addr).await?;
         let addrs = over.iter().map(|p| p.addr.to_string()).collect();
-        eprintln!("  {}: pipeline (pid {}) on {}", instances(size), child.child.0.id(), child.addr);
+        eprintln!("  {}: pipeline (pid {}) on {}", instances(size), child.pid(), child.addr);
         let mut fleet = Fleet {
             size,
             addrs,

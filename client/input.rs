@@ -9,7 +9,7 @@ use fanout::proto;
 use prost::Message;
 use serde::Deserialize;
 use serde::de::{self, Deserializer as _, SeqAccess, Visitor};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use tokio::sync::mpsc;
 
 /// One input record as users write it.
@@ -76,19 +76,24 @@ pub fn read_batches(reader: impl BufRead + Send + 'static, limits: BatchLimits) 
 /// `n` generated records `rec-00000`, `rec-00001`, … with no attributes (as
 /// [`generated_records`]), made batch by batch so `n` may be any size.
 pub fn generated_batches(n: usize, limits: BatchLimits) -> Batches {
-    spawn_source(limits, move |batcher| {
-        for i in 0..n {
-            batcher.push(proto::Record { id: format!("rec-{i:05}"), attributes: None })?;
-        }
-        Ok(())
-    })
+    spawn_source(limits, move |batcher| (0..n).try_for_each(|i| batcher.push(generated_record(i))))
 }
 
 /// `n` generated records `rec-00000`, `rec-00001`, … with no attributes
 /// (so the digest workload gives each 10..=30 units).
 pub fn generated_records(n: usize) -> Vec<proto::Record> {
-    (0..n).map(|i| proto::Record { id: format!("rec-{i:05}"), attributes: None }).collect()
+    (0..n).map(generated_record).collect()
 }
+
+/// The `i`th generated record.
+fn generated_record(i: usize) -> proto::Record {
+    proto::Record { id: format!("rec-{i:05}"), attributes: None }
+}
+
+/// Longest NDJSON line read: twice the pipeline's default message limit
+/// (8 MiB), so no record it could take is refused here, and a file without
+/// line breaks is not read whole.
+const MAX_LINE_BYTES: u64 = 16 << 20;
 
 /// Why a source stopped early: the receiver is gone, or the input is bad.
 enum Stop {
@@ -210,11 +215,25 @@ fn read_ndjson(mut reader: impl BufRead, mut line: u64, batcher: &mut Batcher) -
     // One buffer for every line: no allocation per line beyond the record's own.
     let mut buf = Vec::new();
     loop {
+        if buf.capacity() > 1 << 20 {
+            // After a long line, back to a small buffer.
+            buf = Vec::new();
+        }
         buf.clear();
-        if reader.read_until(b'\n', &mut buf).with_context(|| format!("reading line {}", line + 1))? == 0 {
+        let read = reader
+            .by_ref()
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("reading line {}", line + 1))?;
+        if read == 0 {
             return Ok(());
         }
         line += 1;
+        if buf.len() as u64 > MAX_LINE_BYTES {
+            return Err(Stop::Bad(anyhow!(
+                "line {line} is over {MAX_LINE_BYTES} bytes (one record per line)"
+            )));
+        }
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -227,7 +246,7 @@ fn read_ndjson(mut reader: impl BufRead, mut line: u64, batcher: &mut Batcher) -
 /// A JSON array, one element at a time (never the whole array in memory).
 fn read_array(reader: impl BufRead, batcher: &mut Batcher) -> Result<(), Stop> {
     let mut de = serde_json::Deserializer::from_reader(reader);
-    let mut state = ArrayState { batcher, elements: 0, stop: None };
+    let mut state = ArrayState { batcher, stop: None };
     let parsed = de.deserialize_seq(Elements(&mut state));
     // A stop raised in the visitor (bad element, receiver gone) travelled as
     // a placeholder serde error; the real reason is in `state`.
@@ -235,7 +254,7 @@ fn read_array(reader: impl BufRead, batcher: &mut Batcher) -> Result<(), Stop> {
         return Err(stop);
     }
     parsed.map_err(|e| {
-        anyhow!(e).context(format!("reading the JSON array after element {}", state.elements))
+        anyhow!(e).context(format!("reading the JSON array after element {}", state.batcher.count))
     })?;
     de.end().map_err(|e| anyhow!(e).context("reading after the JSON array's closing `]`"))?;
     Ok(())
@@ -243,9 +262,8 @@ fn read_array(reader: impl BufRead, batcher: &mut Batcher) -> Result<(), Stop> {
 
 /// What the array visitor carries between elements.
 struct ArrayState<'a> {
+    /// Counts the elements read so far too.
     batcher: &'a mut Batcher,
-    /// Elements read so far.
-    elements: u64,
     /// Why the visitor stopped early, when it did.
     stop: Option<Stop>,
 }
@@ -263,14 +281,11 @@ impl<'de> Visitor<'de> for Elements<'_, '_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let state = self.0;
         loop {
-            let n = state.elements + 1;
+            let n = state.batcher.count + 1;
             let stop = match seq.next_element::<InputRecord>() {
                 Ok(None) => return Ok(()),
                 Ok(Some(record)) => match state.batcher.push(record.into()) {
-                    Ok(()) => {
-                        state.elements = n;
-                        continue;
-                    }
+                    Ok(()) => continue,
                     Err(stop) => stop,
                 },
                 Err(e) => Stop::Bad(
@@ -300,6 +315,14 @@ mod tests {
 
     fn ids(batches: &[Vec<proto::Record>]) -> Vec<&str> {
         batches.iter().flatten().map(|r| r.id.as_str()).collect()
+    }
+
+    #[test]
+    fn an_endless_line_is_refused_at_the_cap() {
+        let mut text = String::from("{\"id\":\"a\"}\n{\"id\":\"b\",\"attributes\":{\"pad\":\"");
+        text.push_str(&"x".repeat(MAX_LINE_BYTES as usize));
+        let e = batches(&text, BatchLimits::default()).unwrap_err();
+        assert!(e.contains(&format!("line 2 is over {MAX_LINE_BYTES} bytes")), "{e}");
     }
 
     #[test]
@@ -417,8 +440,6 @@ mod tests {
                     seen += 1;
                 }
                 batches += 1;
-                // The bounded channel: never more than its capacity queued.
-                assert!(rx.len() <= QUEUED_BATCHES);
             }
             std::fs::remove_file(&path).unwrap();
             assert_eq!(seen, N, "array: {array}");

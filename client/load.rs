@@ -18,16 +18,15 @@
 //! The servers' logs (RUST_LOG=warn) go to `load-proc0.log`,
 //! `load-proc1.log` and `load-pipeline.log` in the temporary directory.
 
+use crate::procs::{self, Proc, kib_field, peak_rss_mib};
 use crate::session;
 use anyhow::{Context, Result, anyhow, ensure};
 use clap::{Args, ValueEnum};
 use fanout::convert::{code_name, duration_to_proto, json_to_struct};
 use fanout::proto::{self, pipeline_client::PipelineClient, run_event::Event};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
@@ -58,9 +57,6 @@ pub struct LoadArgs {
     scenario: Scenario,
 }
 
-/// How long a server may take to print its startup line.
-const STARTUP_BOUND: Duration = Duration::from_secs(10);
-
 /// Runs the scenario(s) of `args`, each on a fresh fleet. Returns the exit code.
 pub async fn load(args: LoadArgs) -> Result<i32> {
     let scenarios = match args.scenario {
@@ -72,7 +68,7 @@ pub async fn load(args: LoadArgs) -> Result<i32> {
             println!();
         }
         let fleet = Fleet::start(&args.bin_dir).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await; // first health probes
+        serving(&fleet.url()).await?;
         match scenario {
             Scenario::A => scenario_a(&fleet).await?,
             Scenario::B => scenario_b(&fleet).await?,
@@ -86,54 +82,13 @@ pub async fn load(args: LoadArgs) -> Result<i32> {
 
 // ------------------------------------------------------------------ fleet
 
-/// A server in a child process, killed on drop, with the address it bound.
-struct Proc {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// Starts `bin` with `args`, its stderr to the file `log`, and waits
-    /// (bounded) for its `... listening on ADDR` line.
-    async fn spawn(bin: &Path, args: &[&str], log: &Path) -> Result<Self> {
-        let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(bin)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file))
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        // From here on, a failure kills the child.
-        let mut proc = Self { child, addr: String::new() };
-        let read = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).map(|_| line)
-        });
-        let line = tokio::time::timeout(STARTUP_BOUND, read)
-            .await
-            .map_err(|_| anyhow!("{} printed no startup line in {STARTUP_BOUND:?}", bin.display()))???;
-        ensure!(
-            line.contains("listening on"),
-            "unexpected startup line from {}: {line:?} (see {})",
-            bin.display(),
-            log.display()
-        );
-        proc.addr = line.trim().rsplit(' ').next().context("no address in the startup line")?.to_owned();
-        Ok(proc)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
+/// Starts `bin` with `args`, its stderr to the file `log`, and waits
+/// (bounded) for its `... listening on ADDR` line.
+async fn spawn(bin: &Path, args: &[&str], log: &Path) -> Result<Proc> {
+    let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stderr(Stdio::from(log_file)).env("RUST_LOG", "warn");
+    Proc::spawn(cmd, &format!("{} (log: {})", bin.display(), log.display())).await
 }
 
 /// Two processors of one unit thread and a pipeline over both.
@@ -154,12 +109,12 @@ impl Fleet {
         let mut processors = Vec::new();
         for i in 0..2 {
             let args = ["--listen", "127.0.0.1:0", "--unit-threads", "1"];
-            processors.push(Proc::spawn(&processor, &args, &tmp.join(format!("load-proc{i}.log"))).await?);
+            processors.push(spawn(&processor, &args, &tmp.join(format!("load-proc{i}.log"))).await?);
         }
         let urls: Vec<String> = processors.iter().map(|p| format!("http://{}", p.addr)).collect();
         let joined = urls.join(",");
         let args = ["--listen", "127.0.0.1:0", "--processors", &joined];
-        let pipeline = Proc::spawn(&pipeline, &args, &tmp.join("load-pipeline.log")).await?;
+        let pipeline = spawn(&pipeline, &args, &tmp.join("load-pipeline.log")).await?;
         eprintln!(
             "fleet: pipeline {} (pid {}), processors {:?} (pids {:?})",
             pipeline.addr,
@@ -192,15 +147,7 @@ impl Fleet {
 
 /// Peak resident set size of a process in MiB (VmHWM), NaN if unreadable.
 fn vm_hwm_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    kib_field(&status, "VmHWM:").map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-/// The value of a `NAME: N kB` line of a /proc file, in KiB.
-fn kib_field(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    peak_rss_mib(pid).unwrap_or(f64::NAN)
 }
 
 /// The machine's MemAvailable in KiB, `f64::MAX` if unreadable.
@@ -209,26 +156,9 @@ fn mem_available_kib() -> f64 {
     kib_field(&meminfo, "MemAvailable:").unwrap_or(f64::MAX)
 }
 
-/// utime + stime of a process, in seconds (0 if unreadable).
+/// CPU seconds a process has used so far (0 if unreadable).
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name, in parentheses, may hold spaces: count from after it,
-    // where field 3 (state) comes first; utime is field 14, stime 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |field: usize| fields.get(field - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(14) + ticks(15)) as f64 / clk_tck()
-}
-
-/// Clock ticks per second of /proc's times (`getconf CLK_TCK`, else 100).
-fn clk_tck() -> f64 {
-    static HZ: OnceLock<f64> = OnceLock::new();
-    *HZ.get_or_init(|| {
-        let out = Command::new("getconf").arg("CLK_TCK").output().ok();
-        out.and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
+    procs::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 // ------------------------------------------------------------------ runs
@@ -512,6 +442,27 @@ async fn normal_run(url: &str, label: &str) -> Result<()> {
     Ok(())
 }
 
+/// Waits (at most 10 s) until the pipeline at `url` reports
+/// `fanout.v1.Pipeline` SERVING, which it does once a probe of a processor
+/// has answered: before that a run would be refused.
+async fn serving(url: &str) -> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let ch = Endpoint::from_shared(url.to_owned())?.connect().await?;
+        let req = HealthCheckRequest { service: fanout::server::PIPELINE_SERVICE.into() };
+        let mut watch = HealthClient::new(ch).watch(req).await?.into_inner();
+        while let Some(answer) = watch.message().await? {
+            if answer.status() == ServingStatus::Serving {
+                return Ok(());
+            }
+        }
+        Err(anyhow!("the health watch ended"))
+    })
+    .await
+    .map_err(|_| anyhow!("the pipeline at {url} was not SERVING within 10 s"))?
+}
+
 /// The pipeline's health check, bounded to 10 s; prints the answer and its latency.
 async fn health(url: &str, label: &str) {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -519,7 +470,7 @@ async fn health(url: &str, label: &str) {
     let r = tokio::time::timeout(Duration::from_secs(10), async {
         let ch = Endpoint::from_shared(url.to_owned())?.connect().await?;
         let resp = HealthClient::new(ch)
-            .check(HealthCheckRequest { service: "fanout.v1.Pipeline".into() })
+            .check(HealthCheckRequest { service: fanout::server::PIPELINE_SERVICE.into() })
             .await
             .map_err(|s| anyhow!("{}: {}", code_name(s.code()), s.message()))?;
         Ok::<_, anyhow::Error>(resp.into_inner().status().as_str_name().to_owned())

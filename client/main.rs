@@ -14,6 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod input;
 mod load;
+mod procs;
 mod render;
 mod session;
 

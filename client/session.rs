@@ -43,19 +43,15 @@ pub async fn connect(url: &str) -> Result<PipelineClient<Channel>> {
         .max_encoding_message_size(usize::MAX))
 }
 
-/// Runs `request` and follows its events to the report. Shows a progress
-/// bar on stderr when `progress` is set and stderr is a terminal. When the
-/// pipeline left the per-record results out of the report (it would not
-/// have fit in one 4 MiB message), they are put back from the `record`
-/// events, in input order, so the report is whole either way.
+/// Runs `request` through the unary-request `Run` (the bench's path; `fanout
+/// run` streams) and follows its events to the report. When the pipeline
+/// left the per-record results out of the report (it would not have fit in
+/// one 4 MiB message), they are put back from the `record` events, in input
+/// order, so the report is whole either way.
 pub async fn run(
     client: &mut PipelineClient<Channel>,
     request: proto::RunRequest,
-    progress: bool,
-    output: Option<&Path>,
 ) -> Result<proto::RunReport> {
-    let mut output = create_output(output)?;
-    let total = request.records.len() as u64;
     let keep = !request.options.as_ref().is_some_and(|o| o.summary_only);
     let mut results = Vec::new();
     let mut stream = client
@@ -63,36 +59,19 @@ pub async fn run(
         .await
         .map_err(|s| anyhow!("Run failed: {}: {}", code_name(s.code()), s.message()))?
         .into_inner();
-    let bar = progress_bar(Some(total), progress);
-    let mut failed = 0u64;
-    let report = loop {
+    let mut report = loop {
         let event = stream
             .message()
             .await
             .map_err(|s| anyhow!("run stream failed: {}: {}", code_name(s.code()), s.message()))?
             .context("the pipeline closed the stream before the report")?;
         match event.event {
-            Some(Event::Started(s)) => bar.set_prefix(s.run_id),
-            Some(Event::Record(r)) => {
-                if r.status() != RecordStatus::Succeeded {
-                    failed += 1;
-                    bar.set_message(format!("{failed} failed"));
-                }
-                bar.inc(1);
-                write_result(&mut output, &r)?;
-                if keep {
-                    results.push(r);
-                }
-            }
+            Some(Event::Record(r)) if keep => results.push(r),
             Some(Event::Report(r)) => break r,
-            // The bar counts records itself; progress keeps the stream alive.
-            Some(Event::Progress(_)) => {}
+            Some(_) => {}
             None => bail!("the pipeline sent an empty event"),
         }
     };
-    bar.finish_and_clear();
-    flush_output(output)?;
-    let mut report = report;
     if report.results_omitted {
         results.sort_by_key(|r| r.index);
         report.results = results;
@@ -327,8 +306,10 @@ mod tests {
     use crate::input::{self, BatchLimits};
     use fanout::proto::pipeline_server::{Pipeline, PipelineServer};
     use std::pin::Pin;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
+    use tokio::sync::watch;
     use tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status, Streaming};
 
@@ -339,10 +320,24 @@ mod tests {
     /// ends the call with INVALID_ARGUMENT), checks `done`'s count, and
     /// reports the failures (at most 2; the rest counted as omitted). Like
     /// the real pipeline it reads input only as fast as its events are read.
-    #[derive(Clone, Default)]
+    #[derive(Clone)]
     struct Fake {
         /// How the input ended: "done", "ended without done", or the input's error code.
-        ended: Arc<Mutex<Option<String>>>,
+        ended: Arc<watch::Sender<Option<String>>>,
+        /// `RunStream` calls received.
+        calls: Arc<AtomicUsize>,
+        /// Record events sent (taken by the response stream).
+        sent: Arc<watch::Sender<usize>>,
+    }
+
+    impl Default for Fake {
+        fn default() -> Self {
+            Self {
+                ended: Arc::new(watch::channel(None).0),
+                calls: Arc::default(),
+                sent: Arc::new(watch::channel(0).0),
+            }
+        }
     }
 
     fn event(e: Event) -> Result<proto::RunEvent, Status> {
@@ -420,10 +415,11 @@ mod tests {
                     if tx.send(event(Event::Record(result))).await.is_err() {
                         return;
                     }
+                    self.sent.send_modify(|n| *n += 1);
                     index += 1;
                 }
             };
-            *self.ended.lock().unwrap() = Some(ended);
+            self.ended.send_replace(Some(ended));
         }
     }
 
@@ -440,6 +436,7 @@ mod tests {
             &self,
             request: Request<Streaming<proto::RunInput>>,
         ) -> Result<Response<Events>, Status> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
             let mut input = request.into_inner();
             let header = match input.message().await? {
                 Some(proto::RunInput { input: Some(Input::Header(h)) }) => h,
@@ -461,6 +458,9 @@ mod tests {
         let service = PipelineServer::new(fake.clone());
         tokio::spawn(
             tonic::transport::Server::builder()
+                // Far smaller than a large run's input, so a client that
+                // sent everything before reading would deadlock.
+                .initial_stream_window_size(64 << 10)
                 .add_service(service)
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
@@ -478,13 +478,9 @@ mod tests {
 
     /// Waits for the fake to see the end of the input.
     async fn ended(fake: &Fake) -> String {
-        for _ in 0..500 {
-            if let Some(e) = fake.ended.lock().unwrap().clone() {
-                return e;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the fake never saw the input end");
+        let mut rx = fake.ended.subscribe();
+        let seen = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some)).await;
+        seen.expect("the fake never saw the input end").unwrap().clone().unwrap()
     }
 
     /// Many small batches through a server that takes input only as fast as
@@ -545,8 +541,9 @@ mod tests {
             let e = format!("{e:#}");
             assert!(e.contains("no run was started") && e.contains(want), "{e}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(*fake.ended.lock().unwrap(), None, "no call reached the pipeline");
+        // A call the client had opened would have reached the fake before
+        // the client's error (its response headers follow the handler).
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 0, "no call reached the pipeline");
     }
 
     #[tokio::test]
@@ -578,7 +575,14 @@ mod tests {
         inputs
             .push(proto::RunInput { input: Some(Input::Done(proto::InputDone { record_count: N as u64 })) });
         let mut events = client.run_stream(tokio_stream::iter(inputs)).await.unwrap().into_inner();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Read nothing until 20,000 events wait unread: under hyper's
+        // default windows h2 ends the connection before that (it charges
+        // each small frame about 230 bytes against half the 5 MiB
+        // connection window), and the fake stalls; `connect`'s 512 KiB
+        // stream window holds about 22,000 of these ~23-byte events.
+        let mut sent = fake.sent.subscribe();
+        let piled = tokio::time::timeout(Duration::from_secs(10), sent.wait_for(|&n| n >= 20_000)).await;
+        piled.expect("the fake could not send 20,000 events ahead of the client").unwrap();
         let mut arrived = 0;
         while let Some(e) = events.message().await.unwrap() {
             arrived += usize::from(matches!(e.event, Some(Event::Record(_))));
