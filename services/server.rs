@@ -1,7 +1,9 @@
 //! Serving both services: listen, health, reflection, graceful shutdown.
 //!
 //! Each server also serves `grpc.health.v1.Health` and server reflection (v1
-//! and v1alpha, since grpcurl 1.8 speaks only v1alpha). Shutdown is in three
+//! and v1alpha, since grpcurl 1.8 speaks only v1alpha; off with
+//! `--reflection off`). With `--auth-token-file`, every call but health needs
+//! a bearer token ([`auth`](crate::auth)). Shutdown is in three
 //! steps: report NOT_SERVING and stop accepting; let open calls finish for the
 //! drain timeout; then cancel what is left (a pipeline's runs report
 //! `CANCELLED`) and close, with a last bound so a stuck stream cannot hold
