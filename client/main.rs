@@ -130,6 +130,13 @@ struct RunArgs {
     /// Workload parameters as a JSON object, e.g. '{"rounds": 1000}'.
     #[arg(long, default_value = "{}")]
     params: String,
+    /// Send `authorization: Bearer <token>`, the token being the first line
+    /// of FILE that is neither blank nor a `#` comment (for a pipeline
+    /// started with --auth-token-file). Without it, the env var
+    /// FANOUT_TOKEN, when set, holds the token itself; --token-file wins
+    /// when both are given.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     settings: RunSettings,
 }
@@ -150,6 +157,11 @@ struct DemoArgs {
     /// Print the whole JSON report instead of the summary table.
     #[arg(long)]
     json: bool,
+    /// Start the servers requiring the token of FILE (--auth-token-file),
+    /// the pipeline sending it to the processors and this client to the
+    /// pipeline.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     settings: RunSettings,
 }
@@ -193,24 +205,44 @@ async fn run(args: RunArgs) -> Result<i32> {
         serde_json::from_str(&args.params).context("--params must be a JSON object")?;
     // Opened first, so a missing file is reported before any connection.
     let reader = input::open(&args.input)?;
+    let token = bearer_token(args.token_file.as_deref())?;
     let mut client = session::connect(&args.pipeline).await?;
     let batches = input::read_batches(reader, input::BatchLimits::default());
     let header = args.settings.header(params);
     let (progress, output) = (!args.settings.quiet, args.settings.output.as_deref());
-    let report = session::run_stream(&mut client, header, batches, progress, output).await?;
+    let report = session::run_stream(&mut client, header, batches, progress, output, token.as_ref()).await?;
     print_report(&report, args.settings.table)?;
     Ok(session::exit_code(&report))
 }
 
+/// The token `fanout run` sends: the first of `--token-file`, else the env
+/// var `FANOUT_TOKEN` (the token itself), else none.
+fn bearer_token(file: Option<&std::path::Path>) -> Result<Option<tonic::metadata::AsciiMetadataValue>> {
+    if let Some(path) = file {
+        return Ok(Some(fanout::auth::read_first_token(path)?));
+    }
+    match std::env::var("FANOUT_TOKEN") {
+        Ok(token) => Ok(Some(fanout::auth::bearer_value(&token).context("FANOUT_TOKEN")?)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("FANOUT_TOKEN: a token must be printable ASCII")
+        }
+    }
+}
+
 async fn demo(args: DemoArgs) -> Result<i32> {
+    let token = args.token_file.as_deref().map(fanout::auth::read_first_token).transpose()?;
     let mut processors = Vec::new();
     for _ in 0..args.processors.max(1) {
-        let cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
+        let mut cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
+        cfg.access.auth_token_file = args.token_file.clone();
         processors.push(server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?.0);
     }
     let urls: Vec<String> = processors.iter().map(|p| p.url()).collect();
     let mut cfg = PipelineConfig::new(urls.clone());
     cfg.listen = "127.0.0.1:0".into();
+    cfg.access.auth_token_file = args.token_file.clone();
+    cfg.processor_token.processor_token_file = args.token_file.clone();
     let pipeline = server::start_pipeline(&cfg).await?;
     eprintln!(
         "demo: pipeline on {}, processors on {}; {} records, rounds = {}",
@@ -226,7 +258,7 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     let (progress, output) = (!args.settings.quiet, args.settings.output.as_deref());
     let report = async {
         let mut client = session::connect(&pipeline.url()).await?;
-        session::run_stream(&mut client, header, batches, progress, output).await
+        session::run_stream(&mut client, header, batches, progress, output, token.as_ref()).await
     }
     .await;
     pipeline.shutdown().await?;

@@ -88,13 +88,15 @@ pub async fn run(
 /// terminal; writes each record's result to `output` as NDJSON when given.
 ///
 /// A bad input (an error from `batches`) cancels the call and returns that
-/// error, which names the input position.
+/// error, which names the input position. `token` (`Bearer …`), when given,
+/// goes as the call's `authorization` metadata.
 pub async fn run_stream(
     client: &mut PipelineClient<Channel>,
     header: proto::RunHeader,
     mut batches: Batches,
     progress: bool,
     output: Option<&Path>,
+    token: Option<&tonic::metadata::AsciiMetadataValue>,
 ) -> Result<proto::RunReport> {
     // The first batch before the call, so an input empty or bad from its
     // start opens no run at all.
@@ -111,7 +113,11 @@ pub async fn run_stream(
     let (tx, rx) = mpsc::channel(2);
     tx.try_send(proto::RunInput { input: Some(Input::Header(header)) }).expect("a new channel has room");
     let mut feeder = AbortOnDrop(tokio::spawn(feed(first, batches, tx)));
-    let mut stream = match client.run_stream(ReceiverStream::new(rx)).await {
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        request.metadata_mut().insert(fanout::auth::AUTHORIZATION, token.clone());
+    }
+    let mut stream = match client.run_stream(request).await {
         Ok(response) => response.into_inner(),
         Err(s) => {
             // A bad input ends the request stream, which the pipeline may
@@ -489,7 +495,7 @@ mod tests {
     async fn streams_a_large_run() {
         let (mut client, fake) = serve().await;
         let batches = input::generated_batches(50_000, BatchLimits { max_records: 250, max_bytes: 1 << 20 });
-        let run = run_stream(&mut client, header("big"), batches, false, None);
+        let run = run_stream(&mut client, header("big"), batches, false, None, None);
         let report = tokio::time::timeout(Duration::from_secs(60), run).await.expect("no deadlock").unwrap();
         assert_eq!(report.run_id, "big");
         assert_eq!(report.status(), proto::RunStatus::Succeeded);
@@ -504,8 +510,9 @@ mod tests {
         let path = std::env::temp_dir().join(format!("fanout-session-{}.ndjson", std::process::id()));
         let text =
             ["a", "fail-1", "b", "fail-2", "fail-3"].map(|id| format!("{{\"id\":\"{id}\"}}\n")).concat();
-        let report =
-            run_stream(&mut client, header("r"), text_batches(&text, 2), false, Some(&path)).await.unwrap();
+        let report = run_stream(&mut client, header("r"), text_batches(&text, 2), false, Some(&path), None)
+            .await
+            .unwrap();
         assert_eq!(report.status(), proto::RunStatus::PartiallyFailed);
         assert_eq!(
             report.results.iter().map(|r| r.record_id.as_str()).collect::<Vec<_>>(),
@@ -526,7 +533,9 @@ mod tests {
     async fn server_error_names_code_and_records_arrived() {
         let (mut client, _) = serve().await;
         let text = "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"boom\"}\n{\"id\":\"c\"}\n";
-        let e = run_stream(&mut client, header("r"), text_batches(text, 10), false, None).await.unwrap_err();
+        let e = run_stream(&mut client, header("r"), text_batches(text, 10), false, None, None)
+            .await
+            .unwrap_err();
         let e = format!("{e:#}");
         assert!(e.contains("INVALID_ARGUMENT") && e.contains("record 2 (\"boom\")"), "{e}");
         assert!(e.contains("2 record events had arrived"), "{e}");
@@ -536,8 +545,9 @@ mod tests {
     async fn input_bad_from_the_start_opens_no_run() {
         let (mut client, fake) = serve().await;
         for (text, want) in [("\n \n", "no records"), ("{\"id\":\"a\"}\n{\"id\"\n", "line 2")] {
-            let e =
-                run_stream(&mut client, header("r"), text_batches(text, 10), false, None).await.unwrap_err();
+            let e = run_stream(&mut client, header("r"), text_batches(text, 10), false, None, None)
+                .await
+                .unwrap_err();
             let e = format!("{e:#}");
             assert!(e.contains("no run was started") && e.contains(want), "{e}");
         }
@@ -550,7 +560,8 @@ mod tests {
     async fn bad_input_cancels_the_run() {
         let (mut client, fake) = serve().await;
         let text = "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\"}\n{\"id\":\n";
-        let e = run_stream(&mut client, header("r"), text_batches(text, 2), false, None).await.unwrap_err();
+        let e =
+            run_stream(&mut client, header("r"), text_batches(text, 2), false, None, None).await.unwrap_err();
         let e = format!("{e:#}");
         assert!(e.contains("cancelled") && e.contains("line 4"), "{e}");
         assert!(e.contains("after 2 records were sent"), "{e}");

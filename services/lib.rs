@@ -35,9 +35,12 @@
 //! - [`listener`]: accepting connections (back-off when out of descriptors),
 //!   handshake and idle timeouts, open calls counted per connection.
 //! - [`telemetry`]: tracing subscriber set-up for the binaries.
+//! - [`auth`]: bearer tokens (checked at the edge, sent to processors) and
+//!   the reflection switch.
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod convert;

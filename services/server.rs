@@ -1,12 +1,15 @@
 //! Serving both services: listen, health, reflection, graceful shutdown.
 //!
 //! Each server also serves `grpc.health.v1.Health` and server reflection (v1
-//! and v1alpha, since grpcurl 1.8 speaks only v1alpha). Shutdown is in three
+//! and v1alpha, since grpcurl 1.8 speaks only v1alpha; off with
+//! `--reflection off`). With `--auth-token-file`, every call but health needs
+//! a bearer token ([`auth`](crate::auth)). Shutdown is in three
 //! steps: report NOT_SERVING and stop accepting; let open calls finish for the
 //! drain timeout; then cancel what is left (a pipeline's runs report
 //! `CANCELLED`) and close, with a last bound so a stuck stream cannot hold
 //! the process.
 
+use crate::auth::{Switch, TokenFile};
 use crate::budget::MemoryBudget;
 use crate::config::{ConnectionLimits, PipelineConfig, ProcessorConfig};
 use crate::engine::{Engine, EngineStats};
@@ -49,6 +52,10 @@ pub struct Running {
     task: JoinHandle<Result<(), Error>>,
     /// A pipeline's run admission (None for a processor).
     admission: Option<Arc<Admission>>,
+    /// The tokens calls must carry (`--auth-token-file`).
+    auth: Option<Arc<TokenFile>>,
+    /// The token a pipeline sends its processors (`--processor-token-file`).
+    processor_token: Option<Arc<TokenFile>>,
 }
 
 impl Running {
@@ -56,6 +63,17 @@ impl Running {
     /// that have not ended, whether or not their clients are still there.
     pub fn active_runs(&self) -> usize {
         self.admission.as_ref().map_or(0, |a| a.active_runs())
+    }
+
+    /// The tokens this server requires (`--auth-token-file`), to follow
+    /// their reloads.
+    pub fn auth_tokens(&self) -> Option<&Arc<TokenFile>> {
+        self.auth.as_ref()
+    }
+
+    /// The token a pipeline sends its processors (`--processor-token-file`).
+    pub fn processor_token(&self) -> Option<&Arc<TokenFile>> {
+        self.processor_token.as_ref()
     }
 
     /// A token that starts graceful shutdown when cancelled.
@@ -102,6 +120,7 @@ pub async fn start_processor<W: Workload>(
     workload: W,
 ) -> Result<(Running, Arc<EngineStats>), Error> {
     cfg.validate()?;
+    let auth = cfg.access.auth_token_file.as_deref().map(TokenFile::open).transpose()?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let engine = Arc::new(
@@ -134,8 +153,9 @@ pub async fn start_processor<W: Workload>(
         MemoryBudget::new(cfg.memory_budget, "--memory-budget").wrap(service, cfg.max_message_bytes);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PROCESSOR_SERVICE, ServingStatus::Serving).await;
-    let router = base_routes(PROCESSOR_SERVICE, health)?.add_service(service);
-    let running = spawn(
+    let router = base_routes(PROCESSOR_SERVICE, health, cfg.access.reflection)?.add_service(service);
+    let router = crate::auth::guard(router, auth.as_ref());
+    let mut running = spawn(
         router,
         cfg.max_message_bytes,
         &cfg.connections,
@@ -146,6 +166,7 @@ pub async fn start_processor<W: Workload>(
         cfg.drain_timeout,
         None,
     );
+    running.auth = auth;
     let stop = running.stop_token();
     tokio::spawn(async move {
         stop.cancelled().await;
@@ -166,6 +187,7 @@ pub async fn start_pipeline_with_resolver(
     resolver: Arc<dyn Resolve>,
 ) -> Result<Running, Error> {
     cfg.validate()?;
+    let auth = cfg.access.auth_token_file.as_deref().map(TokenFile::open).transpose()?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let cancel_runs = CancellationToken::new();
@@ -180,7 +202,8 @@ pub async fn start_pipeline_with_resolver(
     let (reporter, health) = tonic_health::server::health_reporter();
     // Ready only once a processor has answered a probe (see follow_processors).
     reporter.set_service_status(PIPELINE_SERVICE, ServingStatus::NotServing).await;
-    let router = base_routes(PIPELINE_SERVICE, health)?.add_service(service);
+    let router = base_routes(PIPELINE_SERVICE, health, cfg.access.reflection)?.add_service(service);
+    let router = crate::auth::guard(router, auth.as_ref());
     let mut running = spawn(
         router,
         cfg.max_message_bytes,
@@ -193,6 +216,8 @@ pub async fn start_pipeline_with_resolver(
         Some(cancel_runs),
     );
     running.admission = Some(admission);
+    running.auth = auth;
+    running.processor_token = balancer.processor_token().cloned();
     follow_processors(balancer, reporter, running.stop_token());
     Ok(running)
 }
@@ -230,12 +255,17 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
     listener.local_addr().map_err(|e| Error::Transport(format!("local address: {e}")))
 }
 
-/// Health and reflection (v1 and v1alpha), which both servers serve.
-/// Reflection lists exactly the services this server answers.
+/// Health and reflection (v1 and v1alpha, unless `reflection` is off),
+/// which both servers serve. Reflection lists exactly the services this
+/// server answers.
 fn base_routes(
     service: &str,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    reflection_on: Switch,
 ) -> Result<Routes, Error> {
+    if reflection_on == Switch::Off {
+        return Ok(Routes::new(health));
+    }
     let reflection = || {
         [
             service,
@@ -410,7 +440,7 @@ fn spawn(
         closing.cancel();
         Ok(())
     });
-    Running { addr, stop, sever, task, admission: None }
+    Running { addr, stop, sever, task, admission: None, auth: None, processor_token: None }
 }
 
 /// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix).

@@ -83,6 +83,8 @@ pub struct ConnectOptions {
     pub health_interval: Duration,
     /// HTTP/2 keepalive pings on the record connections (off when `None`).
     pub http2_keepalive: Option<Duration>,
+    /// The bearer token sent on every call (`--processor-token-file`).
+    pub bearer: Option<Arc<crate::auth::TokenFile>>,
 }
 
 /// One processor instance: one address.
@@ -475,6 +477,9 @@ impl Lease {
                 .map_err(|e| tonic::Status::unavailable(format!("{}: not ready: {e}", ep.addr)))?;
             let mut request = tonic::Request::new(req);
             request.set_timeout(timeout);
+            if let Some(token) = &self.balancer.opts.bearer {
+                token.authorize(&mut request);
+            }
             let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
             grpc.unary(request, path, tonic_prost::ProstCodec::<Req, Resp>::default()).await
         };
@@ -516,6 +521,17 @@ impl Lease {
                 if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" =>
             {
                 Err(timed_out())
+            }
+            // A wrong token is the fleet's configuration, not the record's
+            // fault: say so, and give the instance no new work until a probe
+            // (whose Describe carries the token too) finds it accepted.
+            Ok(Err(status))
+                if status.code() == tonic::Code::Unauthenticated
+                    && std::error::Error::source(&status).is_none() =>
+            {
+                let status = crate::auth::refused_by_processor(&ep.label(), &status);
+                self.balancer.mark_down(ep, status.message());
+                Err(CallError::Failed(status))
             }
             Ok(Err(status)) => {
                 // A status with a source came from the transport (refused,
@@ -589,6 +605,20 @@ impl Balancer {
             }
         }
         Ok(b)
+    }
+
+    /// The token sent to processors (`--processor-token-file`).
+    pub fn processor_token(&self) -> Option<&Arc<crate::auth::TokenFile>> {
+        self.opts.bearer.as_ref()
+    }
+
+    /// `msg` as a request, with the processor token when there is one.
+    fn authorized<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(msg);
+        if let Some(token) = &self.opts.bearer {
+            token.authorize(&mut request);
+        }
+        request
     }
 
     /// The configured entries.
@@ -785,14 +815,14 @@ impl Balancer {
         let timeout = self.opts.connect_timeout;
         let check = async {
             let mut health = HealthClient::new(ep.probes.clone());
-            let req = HealthCheckRequest { service: PROCESSOR_SERVICE.into() };
+            let req = self.authorized(HealthCheckRequest { service: PROCESSOR_SERVICE.into() });
             let resp =
                 health.check(req).await.map_err(|s| (DOWN, format!("{:?}: {}", s.code(), s.message())))?;
             if resp.get_ref().status != ServingStatus::Serving as i32 {
                 return Err((DRAINING, format!("health status {:?}", resp.get_ref().status())));
             }
             let mut describe = RecordProcessorClient::new(ep.probes.clone());
-            let (slots, name) = match describe.describe(DescribeRequest {}).await {
+            let (slots, name) = match describe.describe(self.authorized(DescribeRequest {})).await {
                 Ok(d) => {
                     let d = d.into_inner();
                     ep.max_batch.store(d.max_batch_size as usize, Ordering::Relaxed);
@@ -807,6 +837,9 @@ impl Balancer {
                         warn!(processor = %ep.addr, slots = FALLBACK_SLOTS, "processor has no Describe; assuming slots");
                     }
                     (FALLBACK_SLOTS, String::new())
+                }
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                    return Err((DOWN, crate::auth::refused_by_processor(&ep.addr, &s).message().to_owned()));
                 }
                 Err(s) => return Err((DOWN, format!("Describe: {:?}: {}", s.code(), s.message()))),
             };
@@ -945,6 +978,7 @@ mod tests {
             connect_timeout: Duration::from_millis(connect_ms),
             health_interval: Duration::from_secs(1),
             http2_keepalive: None,
+            bearer: None,
         }
     }
 

@@ -80,6 +80,12 @@ impl PipelineService {
             connect_timeout: cfg.connect_timeout,
             health_interval: cfg.health_interval,
             http2_keepalive: cfg.http2_keepalive_interval,
+            bearer: cfg
+                .processor_token
+                .processor_token_file
+                .as_deref()
+                .map(crate::auth::TokenFile::open)
+                .transpose()?,
         };
         let balancer = Arc::new(Balancer::with_resolver(&cfg.processors, opts, resolver)?);
         balancer.spawn_resolver(cfg.resolve_interval, cancel_runs.clone());
