@@ -68,7 +68,7 @@ set -e
 grep -E '^(status|records) ' "$tmp/report.txt" | sed 's/^/e2e-timeline:   /'
 
 browser() { # browser ARGS...: headless chromium on the page, bounded in time
-  timeout "$BROWSER_LIMIT" chromium --headless --no-sandbox --disable-gpu --no-first-run \
+  timeout "$BROWSER_LIMIT" chromium --headless --no-sandbox --disable-gpu --disable-dev-shm-usage --no-first-run \
     --user-data-dir="$tmp/profile" "$@" "file://$page" 2>>"$tmp/chromium.err"
 }
 say "rendering in headless chromium ($(chromium --version 2>/dev/null | head -n 1))"
