@@ -12,11 +12,13 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod flaky;
 mod input;
 mod load;
 mod procs;
 mod render;
 mod session;
+mod timeline;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -114,6 +116,12 @@ struct RunSettings {
     /// per line (NDJSON), in completion order.
     #[arg(long, value_name = "FILE")]
     output: Option<std::path::PathBuf>,
+    /// Also write a timeline of the run to FILE: a self-contained HTML page
+    /// with one lane per processor and a bar per attempt (asks the pipeline
+    /// for each record's attempt log). Written at the end, also when the run
+    /// fails.
+    #[arg(long, value_name = "FILE.html")]
+    timeline: Option<std::path::PathBuf>,
 }
 
 /// Arguments of `fanout run`.
@@ -162,6 +170,11 @@ struct DemoArgs {
     /// pipeline.
     #[arg(long, value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// Make each attempt fail (transiently, so it is retried) with this
+    /// probability in percent, after its units ran: shows retries and
+    /// failures, e.g. in a --timeline.
+    #[arg(long, value_name = "PERCENT", default_value_t = 0.0, value_parser = flaky::parse_percent)]
+    flaky: f64,
     #[command(flatten)]
     settings: RunSettings,
 }
@@ -186,6 +199,7 @@ impl RunSettings {
                 tolerated_failure_percentage: self.tolerated_failure_percentage,
                 summary_only: self.summary_only,
                 max_batch_size: self.batch_size.unwrap_or(0),
+                attempt_log: self.timeline.is_some(),
             }),
         }
     }
@@ -200,6 +214,20 @@ fn print_report(report: &proto::RunReport, table: bool) -> Result<()> {
     Ok(())
 }
 
+/// Writes the `--timeline` page, with what arrived even when the run failed.
+fn write_timeline(
+    path: Option<&std::path::Path>,
+    timeline: Option<timeline::Recorder>,
+    outcome: &Result<proto::RunReport>,
+) -> Result<()> {
+    if let (Some(path), Some(timeline)) = (path, timeline) {
+        let failure = outcome.as_ref().err().map(|e| format!("{e:#}"));
+        timeline.write(path, failure.as_deref())?;
+        eprintln!("timeline written to {}", path.display());
+    }
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> Result<i32> {
     let params: fanout::domain::JsonMap =
         serde_json::from_str(&args.params).context("--params must be a JSON object")?;
@@ -210,7 +238,19 @@ async fn run(args: RunArgs) -> Result<i32> {
     let batches = input::read_batches(reader, input::BatchLimits::default());
     let header = args.settings.header(params);
     let (progress, output) = (!args.settings.quiet, args.settings.output.as_deref());
-    let report = session::run_stream(&mut client, header, batches, progress, output, token.as_ref()).await?;
+    let mut timeline = args.settings.timeline.as_ref().map(|_| timeline::Recorder::new());
+    let report = session::run_stream(
+        &mut client,
+        header,
+        batches,
+        progress,
+        output,
+        token.as_ref(),
+        timeline.as_mut(),
+    )
+    .await;
+    write_timeline(args.settings.timeline.as_deref(), timeline, &report)?;
+    let report = report?;
     print_report(&report, args.settings.table)?;
     Ok(session::exit_code(&report))
 }
@@ -236,7 +276,8 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     for _ in 0..args.processors.max(1) {
         let mut cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
         cfg.access.auth_token_file = args.token_file.clone();
-        processors.push(server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?.0);
+        let workload = flaky::Flaky::new(Digest::with_max_rounds(cfg.max_rounds), args.flaky);
+        processors.push(server::start_processor(&cfg, workload).await?.0);
     }
     let urls: Vec<String> = processors.iter().map(|p| p.url()).collect();
     let mut cfg = PipelineConfig::new(urls.clone());
@@ -256,11 +297,14 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     let batches = input::generated_batches(args.records, input::BatchLimits::default());
     let header = args.settings.header(params);
     let (progress, output) = (!args.settings.quiet, args.settings.output.as_deref());
+    let mut timeline = args.settings.timeline.as_ref().map(|_| timeline::Recorder::new());
     let report = async {
         let mut client = session::connect(&pipeline.url()).await?;
-        session::run_stream(&mut client, header, batches, progress, output, token.as_ref()).await
+        session::run_stream(&mut client, header, batches, progress, output, token.as_ref(), timeline.as_mut())
+            .await
     }
     .await;
+    write_timeline(args.settings.timeline.as_deref(), timeline, &report)?;
     pipeline.shutdown().await?;
     for p in processors {
         p.shutdown().await?;

@@ -85,7 +85,8 @@ pub async fn run(
 /// the report. Keeps no per-record state, so memory does not grow with the
 /// run; the report carries the failed records only (see `RunReport`).
 /// Shows a progress bar on stderr when `progress` is set and stderr is a
-/// terminal; writes each record's result to `output` as NDJSON when given.
+/// terminal; writes each record's result to `output` as NDJSON when given,
+/// and hands the events to `timeline` when given.
 ///
 /// A bad input (an error from `batches`) cancels the call and returns that
 /// error, which names the input position. `token` (`Bearer …`), when given,
@@ -97,6 +98,7 @@ pub async fn run_stream(
     progress: bool,
     output: Option<&Path>,
     token: Option<&tonic::metadata::AsciiMetadataValue>,
+    mut timeline: Option<&mut crate::timeline::Recorder>,
 ) -> Result<proto::RunReport> {
     // The first batch before the call, so an input empty or bad from its
     // start opens no run at all.
@@ -164,8 +166,16 @@ pub async fn run_stream(
                             )
                         })?;
                     match event.event {
-                        Some(Event::Started(s)) => bar.set_prefix(s.run_id),
+                        Some(Event::Started(s)) => {
+                            if let Some(t) = timeline.as_deref_mut() {
+                                t.started(&s);
+                            }
+                            bar.set_prefix(s.run_id)
+                        }
                         Some(Event::Record(r)) => {
+                            if let Some(t) = timeline.as_deref_mut() {
+                                t.record(&r);
+                            }
                             arrived += 1;
                             if r.status() != RecordStatus::Succeeded {
                                 failed += 1;
@@ -174,7 +184,12 @@ pub async fn run_stream(
                             bar.inc(1);
                             write_result(&mut output, &r)?;
                         }
-                        Some(Event::Report(r)) => return Ok(r),
+                        Some(Event::Report(r)) => {
+                            if let Some(t) = timeline.as_deref_mut() {
+                                t.report(&r);
+                            }
+                            return Ok(r);
+                        }
                         // The bar counts records itself; progress keeps the stream alive.
                         Some(Event::Progress(_)) => {}
                         None => bail!("the pipeline sent an empty event"),
@@ -495,7 +510,7 @@ mod tests {
     async fn streams_a_large_run() {
         let (mut client, fake) = serve().await;
         let batches = input::generated_batches(50_000, BatchLimits { max_records: 250, max_bytes: 1 << 20 });
-        let run = run_stream(&mut client, header("big"), batches, false, None, None);
+        let run = run_stream(&mut client, header("big"), batches, false, None, None, None);
         let report = tokio::time::timeout(Duration::from_secs(60), run).await.expect("no deadlock").unwrap();
         assert_eq!(report.run_id, "big");
         assert_eq!(report.status(), proto::RunStatus::Succeeded);
@@ -510,9 +525,10 @@ mod tests {
         let path = std::env::temp_dir().join(format!("fanout-session-{}.ndjson", std::process::id()));
         let text =
             ["a", "fail-1", "b", "fail-2", "fail-3"].map(|id| format!("{{\"id\":\"{id}\"}}\n")).concat();
-        let report = run_stream(&mut client, header("r"), text_batches(&text, 2), false, Some(&path), None)
-            .await
-            .unwrap();
+        let report =
+            run_stream(&mut client, header("r"), text_batches(&text, 2), false, Some(&path), None, None)
+                .await
+                .unwrap();
         assert_eq!(report.status(), proto::RunStatus::PartiallyFailed);
         assert_eq!(
             report.results.iter().map(|r| r.record_id.as_str()).collect::<Vec<_>>(),
@@ -533,7 +549,7 @@ mod tests {
     async fn server_error_names_code_and_records_arrived() {
         let (mut client, _) = serve().await;
         let text = "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"boom\"}\n{\"id\":\"c\"}\n";
-        let e = run_stream(&mut client, header("r"), text_batches(text, 10), false, None, None)
+        let e = run_stream(&mut client, header("r"), text_batches(text, 10), false, None, None, None)
             .await
             .unwrap_err();
         let e = format!("{e:#}");
@@ -545,7 +561,7 @@ mod tests {
     async fn input_bad_from_the_start_opens_no_run() {
         let (mut client, fake) = serve().await;
         for (text, want) in [("\n \n", "no records"), ("{\"id\":\"a\"}\n{\"id\"\n", "line 2")] {
-            let e = run_stream(&mut client, header("r"), text_batches(text, 10), false, None, None)
+            let e = run_stream(&mut client, header("r"), text_batches(text, 10), false, None, None, None)
                 .await
                 .unwrap_err();
             let e = format!("{e:#}");
@@ -560,8 +576,9 @@ mod tests {
     async fn bad_input_cancels_the_run() {
         let (mut client, fake) = serve().await;
         let text = "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\"}\n{\"id\":\n";
-        let e =
-            run_stream(&mut client, header("r"), text_batches(text, 2), false, None, None).await.unwrap_err();
+        let e = run_stream(&mut client, header("r"), text_batches(text, 2), false, None, None, None)
+            .await
+            .unwrap_err();
         let e = format!("{e:#}");
         assert!(e.contains("cancelled") && e.contains("line 4"), "{e}");
         assert!(e.contains("after 2 records were sent"), "{e}");

@@ -5,8 +5,8 @@
 
 use crate::config::RunLimits;
 use crate::domain::{
-    Failure, JsonMap, MAX_BATCH_SIZE, Outcome, Record, RecordOutput, RecordResult, RecordTask, RunEvent,
-    RunOptions, RunRecord, RunReport, RunSpec, RunStatus, UnitMode,
+    Attempt, Failure, JsonMap, MAX_BATCH_SIZE, Outcome, Record, RecordOutput, RecordResult, RecordTask,
+    RunEvent, RunOptions, RunRecord, RunReport, RunSpec, RunStatus, UnitMode,
 };
 use crate::error::Error;
 use crate::pipeline::wire;
@@ -243,6 +243,7 @@ fn run_options_from_proto(o: proto::RunOptions, limits: &RunLimits) -> Result<Ru
             p => p,
         },
         summary_only: o.summary_only,
+        attempt_log: o.attempt_log,
         max_batch_size: match o.max_batch_size as usize {
             0 => 1,
             n if n > MAX_BATCH_SIZE => {
@@ -431,6 +432,19 @@ pub fn record_result_to_proto(r: RecordResult) -> proto::RecordResult {
         processor: r.processor,
         elapsed: Some(duration_to_proto(r.elapsed)),
         error,
+        attempt_log: r.attempt_log.into_iter().map(attempt_to_proto).collect(),
+    }
+}
+
+/// One logged attempt on the wire.
+pub fn attempt_to_proto(a: Attempt) -> proto::Attempt {
+    proto::Attempt {
+        attempt: a.attempt,
+        processor: a.processor,
+        start: Some(duration_to_proto(a.start)),
+        elapsed: Some(duration_to_proto(a.elapsed)),
+        error: a.error.as_ref().map(failure_to_proto),
+        batch_size: a.batch_size,
     }
 }
 

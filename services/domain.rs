@@ -107,6 +107,8 @@ pub struct RunOptions {
     pub summary_only: bool,
     /// Most records per processor call (≥ 1).
     pub max_batch_size: usize,
+    /// Log every attempt of each record in its result.
+    pub attempt_log: bool,
 }
 
 /// A gRPC status code and message, as recorded for a failed record.
@@ -147,6 +149,43 @@ pub struct RecordResult {
     pub processor: String,
     /// From the first attempt to the outcome.
     pub elapsed: Duration,
+
+    /// Every attempt, in order, when the run asked for them; else empty.
+    pub attempt_log: Vec<Attempt>,
+}
+
+impl RecordResult {
+    /// A copy without its attempt log (which only the `record` event
+    /// carries), made without copying the log.
+    pub fn without_attempt_log(&self) -> Self {
+        Self {
+            record_id: self.record_id.clone(),
+            index: self.index,
+            outcome: self.outcome.clone(),
+            attempts: self.attempts,
+            processor: self.processor.clone(),
+            elapsed: self.elapsed,
+            attempt_log: Vec::new(),
+        }
+    }
+}
+
+/// One attempt of a record: a processor call it took part in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// The instance's label (as [`RecordResult::processor`]); empty when
+    /// none was up.
+    pub processor: String,
+    /// From the run's start to the call's start (its slot taken).
+    pub start: Duration,
+    /// From the call's start to its answer.
+    pub elapsed: Duration,
+    /// Why it failed; `None` when it succeeded.
+    pub error: Option<Failure>,
+    /// Records in the call (1 for `ProcessRecord`).
+    pub batch_size: u32,
 }
 
 /// The outcome of a run.

@@ -142,9 +142,19 @@ fn options() -> impl Strategy<Value = Option<proto::RunOptions>> {
         prop::option::of(mostly(0.0f64..=100.0, number())),
         any::<bool>(),
         small_or_any_u32(),
+        any::<bool>(),
     )
         .prop_map(
-            |(max_in_flight, max_attempts, record_timeout, failures, share, summary_only, batch)| {
+            |(
+                max_in_flight,
+                max_attempts,
+                record_timeout,
+                failures,
+                share,
+                summary_only,
+                batch,
+                attempt_log,
+            )| {
                 proto::RunOptions {
                     max_in_flight,
                     max_attempts,
@@ -153,6 +163,7 @@ fn options() -> impl Strategy<Value = Option<proto::RunOptions>> {
                     tolerated_failure_percentage: share,
                     summary_only,
                     max_batch_size: batch,
+                    attempt_log,
                 }
             },
         );

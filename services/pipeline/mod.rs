@@ -12,6 +12,7 @@
 //! - [`report`]: the run's totals and the final report.
 //! - [`admission`]: how many runs, and how many bytes of requests, the
 //!   pipeline takes at once.
+//! - [`attempt_log`]: each record's attempts, when a run asks for them.
 //! - [`wire`]: the processor call's request, its record and params encoded
 //!   once.
 //!
@@ -20,6 +21,7 @@
 //! not fit in what is left of `--run-memory-budget` ([`admission`]).
 
 pub mod admission;
+pub mod attempt_log;
 pub mod balancer;
 pub mod discovery;
 pub mod input;

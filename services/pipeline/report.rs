@@ -81,18 +81,18 @@ impl ReportBuilder {
             Kept::All(results) => {
                 if let Some(slot) = results.get_mut(r.index as usize) {
                     debug_assert!(slot.is_none(), "record {} reported twice", r.index);
-                    *slot = Some(r.clone());
+                    *slot = Some(r.without_attempt_log());
                 }
             }
             Kept::Failures { kept, bytes, omitted } if failed => {
                 let size = if kept.len() < MAX_REPORTED_FAILURES {
-                    crate::convert::record_result_to_proto(r.clone()).encoded_len() + 8
+                    crate::convert::record_result_to_proto(r.without_attempt_log()).encoded_len() + 8
                 } else {
                     usize::MAX
                 };
                 if kept.len() < MAX_REPORTED_FAILURES && *bytes + size <= REPORTED_FAILURE_BYTES {
                     *bytes += size;
-                    kept.push(r.clone());
+                    kept.push(r.without_attempt_log());
                 } else {
                     *omitted += 1;
                 }
@@ -166,6 +166,7 @@ mod tests {
             attempts,
             processor: "p".into(),
             elapsed: Duration::ZERO,
+            attempt_log: Vec::new(),
         }
     }
 

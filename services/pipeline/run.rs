@@ -24,6 +24,7 @@
 //! the HTTP/2 connection shared with every other run). A client that takes
 //! nothing for the stalled-client timeout has its run cancelled.
 
+use super::attempt_log;
 use super::balancer::{CallError, Endpoint, RunQueue};
 use super::input::Source;
 use super::report::{Abort, Keep, ReportBuilder};
@@ -67,6 +68,8 @@ struct RunCtx {
     max_attempts: u32,
     record_timeout: Duration,
     max_batch_size: usize,
+    /// The run's start, when it logs attempts.
+    attempt_epoch: Option<Instant>,
     /// Cancelled to stop the run early: calls and backoffs give their
     /// records back.
     stop: CancellationToken,
@@ -223,11 +226,13 @@ struct Pending {
     started: Option<Instant>,
     /// The instance of its last attempt.
     last: Option<Arc<Endpoint>>,
+    /// Its attempts, when the run logs them.
+    log: Vec<crate::domain::Attempt>,
 }
 
 impl Pending {
     fn new(index: u64, record: RunRecord) -> Self {
-        Self { index, record, attempts: 0, not_started: 0, started: None, last: None }
+        Self { index, record, attempts: 0, not_started: 0, started: None, last: None, log: Vec::new() }
     }
 
     fn result(self, outcome: Outcome) -> RecordResult {
@@ -238,6 +243,7 @@ impl Pending {
             attempts: self.attempts,
             processor: self.last.map(|e| e.label()).unwrap_or_default(),
             elapsed: self.started.map(|s| s.elapsed()).unwrap_or_default(),
+            attempt_log: self.log,
         }
     }
 }
@@ -252,6 +258,20 @@ enum Step {
     Requeue,
     /// The run stopped while it waited or was in flight.
     Stopped,
+}
+
+impl Step {
+    /// How the attempt ended, for the attempt log: `None` when it succeeded.
+    fn failure(&self) -> Option<Failure> {
+        match self {
+            Step::Succeeded(_) | Step::Requeue => None,
+            Step::Failed(s) | Step::NotStarted(s) => Some(attempt_log::failure(s)),
+            Step::Stopped => Some(Failure {
+                code: tonic::Code::Cancelled,
+                message: "the run stopped while the call was in flight".into(),
+            }),
+        }
+    }
 }
 
 /// What a call or a backoff gives back.
@@ -293,6 +313,7 @@ async fn execute_inner(
         blocked_since: None,
         stall: control.stalled_client_timeout,
     };
+    let epoch = Instant::now();
     let started = RunEvent::Started {
         run_id: spec.run_id.clone(),
         record_count: source.total().unwrap_or(0),
@@ -327,6 +348,7 @@ async fn execute_inner(
         max_attempts: opts.max_attempts,
         record_timeout: opts.record_timeout,
         max_batch_size: opts.max_batch_size.max(1),
+        attempt_epoch: opts.attempt_log.then_some(epoch),
         stop: CancellationToken::new(),
     });
     let max_in_flight = opts.max_in_flight.max(1);
@@ -630,11 +652,16 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
         // No instance is up: this counts as a failed attempt.
         Err(e) => {
             let status = tonic::Status::from(e);
+            let size = batch.len();
             return Done::Call(
                 batch
                     .into_iter()
                     .map(|mut p| {
                         p.attempts += 1;
+                        if let Some(epoch) = ctx.attempt_epoch {
+                            let failure = Some(attempt_log::failure(&status));
+                            attempt_log::push(&mut p.log, epoch, p.attempts, None, now, failure, size);
+                        }
                         (p, Step::Failed(status.clone()))
                     })
                     .collect(),
@@ -659,6 +686,7 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
         p.attempts += 1;
         p.last = Some(lease.endpoint().clone());
     }
+    let attempt_start = Instant::now();
     let mut items: Vec<(Pending, Step)> = if let [p] = batch.as_slice() {
         // One record: the plain call, which every processor serves.
         let req = ProcessRecordWire {
@@ -717,8 +745,18 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
             }
         }
     };
+    let size = items.len();
     for (p, step) in &mut items {
-        if matches!(step, Step::NotStarted(_)) {
+        let refused = matches!(step, Step::NotStarted(_));
+        // A refusal is no attempt, unless one of so many in a row that
+        // they count as one.
+        if let Some(epoch) = ctx.attempt_epoch
+            && (!refused || p.not_started >= MAX_NOT_STARTED)
+        {
+            let (endpoint, failure) = (Some(&**lease.endpoint()), step.failure());
+            attempt_log::push(&mut p.log, epoch, p.attempts, endpoint, attempt_start, failure, size);
+        }
+        if refused {
             p.attempts -= 1;
         }
     }

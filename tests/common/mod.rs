@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod timeline;
 
 use fanout::config::{PipelineConfig, ProcessorConfig};
 use fanout::domain::{JsonMap, Record};
