@@ -35,6 +35,8 @@
 //! - [`listener`]: accepting connections (back-off when out of descriptors),
 //!   handshake and idle timeouts, open calls counted per connection.
 //! - [`telemetry`]: tracing subscriber set-up for the binaries.
+//! - [`metrics`]: Prometheus metrics of both servers and their `/metrics`
+//!   listener.
 
 #![warn(missing_docs)]
 
@@ -45,6 +47,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod listener;
+pub mod metrics;
 pub mod pipeline;
 pub mod processor;
 pub mod proto;

@@ -49,6 +49,10 @@ pub struct Running {
     task: JoinHandle<Result<(), Error>>,
     /// A pipeline's run admission (None for a processor).
     admission: Option<Arc<Admission>>,
+    /// The address `/metrics` is served on (`--metrics-listen`), if any.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Stops the metrics listener when the server is done with.
+    _metrics_stop: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Running {
@@ -102,6 +106,7 @@ pub async fn start_processor<W: Workload>(
     workload: W,
 ) -> Result<(Running, Arc<EngineStats>), Error> {
     cfg.validate()?;
+    let metrics_listener = cfg.metrics.bind().await?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let engine = Arc::new(
@@ -109,6 +114,17 @@ pub async fn start_processor<W: Workload>(
             .with_inline_budget(cfg.inline_budget),
     );
     let stats = engine.stats().clone();
+    let grpc_metrics =
+        metrics_listener.as_ref().map(|_| Arc::new(crate::metrics::GrpcMetrics::new(PROCESSOR_SERVICE)));
+    let registry = grpc_metrics.clone().map(|grpc| {
+        let e = engine.clone();
+        crate::metrics::processor_registry(
+            grpc,
+            stats.clone(),
+            cfg.unit_threads(),
+            Box::new(move || e.queued_units()),
+        )
+    });
     info!(
         %addr,
         workload = engine.workload_name(),
@@ -135,7 +151,7 @@ pub async fn start_processor<W: Workload>(
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status(PROCESSOR_SERVICE, ServingStatus::Serving).await;
     let router = base_routes(PROCESSOR_SERVICE, health)?.add_service(service);
-    let running = spawn(
+    let mut running = spawn(
         router,
         cfg.max_message_bytes,
         &cfg.connections,
@@ -145,7 +161,9 @@ pub async fn start_processor<W: Workload>(
         PROCESSOR_SERVICE,
         cfg.drain_timeout,
         None,
+        grpc_metrics,
     );
+    serve_metrics(&mut running, metrics_listener.zip(registry))?;
     let stop = running.stop_token();
     tokio::spawn(async move {
         stop.cancelled().await;
@@ -166,6 +184,7 @@ pub async fn start_pipeline_with_resolver(
     resolver: Arc<dyn Resolve>,
 ) -> Result<Running, Error> {
     cfg.validate()?;
+    let metrics_listener = cfg.metrics.bind().await?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let cancel_runs = CancellationToken::new();
@@ -173,6 +192,11 @@ pub async fn start_pipeline_with_resolver(
     let balancer = pipeline.balancer().clone();
     let admission = pipeline.admission().clone();
     info!(%addr, processors = ?cfg.processors, "fanout-pipeline listening");
+    let grpc_metrics =
+        metrics_listener.as_ref().map(|_| Arc::new(crate::metrics::GrpcMetrics::new(PIPELINE_SERVICE)));
+    let registry = grpc_metrics
+        .clone()
+        .map(|grpc| crate::metrics::pipeline_registry(grpc, balancer.clone(), admission.clone()));
     let service = proto::pipeline_server::PipelineServer::new(pipeline)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(crate::convert::MAX_EVENT_BYTES);
@@ -191,8 +215,10 @@ pub async fn start_pipeline_with_resolver(
         PIPELINE_SERVICE,
         cfg.drain_timeout,
         Some(cancel_runs),
+        grpc_metrics,
     );
     running.admission = Some(admission);
+    serve_metrics(&mut running, metrics_listener.zip(registry))?;
     follow_processors(balancer, reporter, running.stop_token());
     Ok(running)
 }
@@ -224,6 +250,20 @@ fn follow_processors(balancer: Arc<Balancer>, reporter: HealthReporter, stop: Ca
             }
         }
     });
+}
+
+/// Serves `/metrics` for `running` until it is done with (see
+/// [`crate::metrics`]), when metrics are on.
+fn serve_metrics(
+    running: &mut Running,
+    metrics: Option<(TcpListener, prometheus_client::registry::Registry)>,
+) -> Result<(), Error> {
+    if let Some((listener, registry)) = metrics {
+        let stop = CancellationToken::new();
+        running.metrics_addr = Some(crate::metrics::serve(listener, registry, stop.clone())?);
+        running._metrics_stop = Some(stop.drop_guard());
+    }
+    Ok(())
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
@@ -335,6 +375,7 @@ fn spawn(
     service: &'static str,
     drain: Duration,
     cancel_rest: Option<CancellationToken>,
+    grpc_metrics: Option<Arc<crate::metrics::GrpcMetrics>>,
 ) -> Running {
     let stop = CancellationToken::new();
     let sever = CancellationToken::new();
@@ -376,6 +417,7 @@ fn spawn(
     let closing = sever.clone();
     let task = tokio::spawn(async move {
         let svc = tower::ServiceBuilder::new()
+            .layer(crate::metrics::GrpcMetricsLayer::new(grpc_metrics))
             .layer(TrackCallsLayer)
             .map_response(request_errors_as_invalid_argument(max_message_bytes))
             .service(routes.prepare());
@@ -410,7 +452,7 @@ fn spawn(
         closing.cancel();
         Ok(())
     });
-    Running { addr, stop, sever, task, admission: None }
+    Running { addr, stop, sever, task, admission: None, metrics_addr: None, _metrics_stop: None }
 }
 
 /// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix).

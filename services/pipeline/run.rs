@@ -279,6 +279,7 @@ async fn execute_inner(
     control: RunControl,
 ) {
     let opts = spec.options;
+    let mut tally = queue.metrics().run_started();
     info!(
         records = source.total(),
         processors = processor_count,
@@ -438,6 +439,7 @@ async fn execute_inner(
                             // Many refusals in a row count as one attempt.
                             if p.not_started >= MAX_NOT_STARTED {
                                 p.attempts += 1;
+                                ctx.queue.metrics().attempt(p.last.as_deref(), status.code(), None);
                             }
                             p.not_started = 0;
                             let code = status.code();
@@ -463,6 +465,7 @@ async fn execute_inner(
                     in_flight -= 1;
                     let result = p.result(outcome);
                     report.add(&result);
+                    ctx.queue.metrics().record(&result);
                     if let Err(why) = outbox.push(RunEvent::Record(result)) {
                         return gone(why, &control);
                     }
@@ -519,6 +522,7 @@ async fn execute_inner(
             let result =
                 p.result(Outcome::Failed(Failure { code: tonic::Code::Cancelled, message: reason.clone() }));
             report.add(&result);
+            ctx.queue.metrics().record(&result);
             deliver!(outbox.send(RunEvent::Record(result)));
         }
     }
@@ -527,6 +531,7 @@ async fn execute_inner(
         Some(Stop::Fault(fault)) => {
             info!(received = source.received(), finished = report.finished(), "run ended by its input");
             let failure = Failure { code: fault.code(), message: fault.to_string() };
+            tally.finish(None);
             deliver!(outbox.send(RunEvent::Aborted(failure)));
             return;
         }
@@ -534,6 +539,7 @@ async fn execute_inner(
         None => None,
     };
     let report = report.finish(abort);
+    tally.finish(Some(report.status));
     info!(
         status = ?report.status,
         succeeded = report.summary.records_succeeded,
@@ -635,6 +641,7 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
                     .into_iter()
                     .map(|mut p| {
                         p.attempts += 1;
+                        ctx.queue.metrics().attempt(None, status.code(), None);
                         (p, Step::Failed(status.clone()))
                     })
                     .collect(),
@@ -642,6 +649,7 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
         }
         Ok(lease) => lease,
     };
+    let sent = Instant::now();
     let (max_batch, max_bytes) = lease.endpoint().batch_limits();
     let room = max_bytes.saturating_sub(ctx.params.len() + ctx.run_id.len() + BATCH_OVERHEAD);
     let mut bytes = 0;
@@ -718,9 +726,17 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
         }
     };
     for (p, step) in &mut items {
-        if matches!(step, Step::NotStarted(_)) {
-            p.attempts -= 1;
-        }
+        let code = match step {
+            Step::NotStarted(_) => {
+                p.attempts -= 1;
+                continue;
+            }
+            Step::Requeue => continue,
+            Step::Succeeded(_) => tonic::Code::Ok,
+            Step::Failed(s) => s.code(),
+            Step::Stopped => tonic::Code::Cancelled,
+        };
+        ctx.queue.metrics().attempt(Some(lease.endpoint()), code, Some(sent.elapsed()));
     }
     drop(lease);
     items.extend(rest.into_iter().map(|p| (p, Step::Requeue)));
