@@ -2,6 +2,7 @@
 //! by `--processors` until SIGINT/SIGTERM.
 
 use clap::Parser;
+use std::io::Write;
 use fanout::config::PipelineConfig;
 use fanout::server;
 
@@ -17,6 +18,10 @@ async fn main() -> anyhow::Result<()> {
     let running = server::start_pipeline(&cfg).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-pipeline listening on {}", running.addr);
+    if let Some(at) = running.metrics_addr {
+        // A reader may have closed stdout after the line above: not an error.
+        let _ = writeln!(std::io::stdout(), "fanout-pipeline metrics on {at}");
+    }
     let stop = running.stop_token();
     tokio::spawn(async move {
         server::shutdown_signal().await;

@@ -2,6 +2,7 @@
 //! workload until SIGINT/SIGTERM.
 
 use clap::Parser;
+use std::io::Write;
 use fanout::config::ProcessorConfig;
 use fanout::server;
 use fanout::workload::Digest;
@@ -18,6 +19,10 @@ async fn main() -> anyhow::Result<()> {
     let (running, _stats) = server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-processor listening on {}", running.addr);
+    if let Some(at) = running.metrics_addr {
+        // A reader may have closed stdout after the line above: not an error.
+        let _ = writeln!(std::io::stdout(), "fanout-processor metrics on {at}");
+    }
     let stop = running.stop_token();
     tokio::spawn(async move {
         server::shutdown_signal().await;
