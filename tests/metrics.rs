@@ -311,7 +311,7 @@ fn http_fails(addr: SocketAddr) -> bool {
 async fn no_metrics_listen_means_no_listener() {
     let p = start_processor(fanout::workload::Digest::default()).await;
     assert_eq!(p.running.metrics_addr, None);
-    let pipeline = start_pipeline(&[p.url.clone()]).await;
+    let pipeline = start_pipeline(std::slice::from_ref(&p.url)).await;
     assert_eq!(pipeline.metrics_addr, None);
 }
 

@@ -2,9 +2,9 @@
 //! by `--processors` until SIGINT/SIGTERM.
 
 use clap::Parser;
-use std::io::Write;
 use fanout::config::PipelineConfig;
 use fanout::server;
+use std::io::Write;
 
 // mimalloc: measurably less time in malloc/free than glibc's arenas when
 // async workers and unit threads hand buffers to each other (fanout bench).

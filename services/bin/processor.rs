@@ -2,10 +2,10 @@
 //! workload until SIGINT/SIGTERM.
 
 use clap::Parser;
-use std::io::Write;
 use fanout::config::ProcessorConfig;
 use fanout::server;
 use fanout::workload::Digest;
+use std::io::Write;
 
 // mimalloc: measurably less time in malloc/free than glibc's arenas when
 // async workers and unit threads hand buffers to each other (fanout bench).
