@@ -16,6 +16,9 @@
 //! - fleet: 1-unit, 0-round records over fleets of 1, 8 and 64 processor
 //!   instances (pipeline in a child process), same records and concurrency
 //!   for each: what picking an instance costs as the fleet grows.
+//! - metrics: the overhead figure (one processor) with `--metrics-listen`
+//!   on the pipeline and the processor vs without, in turns; each metrics
+//!   listener is scraped at the end to show it counted every record.
 
 use crate::input::generated_records;
 use crate::procs::{KillOnDrop, Proc, cpu_seconds, peak_rss_mib};
@@ -64,6 +67,8 @@ pub enum Scenario {
     /// records: every record accounted for, and the peak memory of the
     /// pipeline and of the client.
     Stream,
+    /// The overhead figure with Prometheus metrics on vs off.
+    Metrics,
 }
 
 /// Flags of `fanout bench`.
@@ -243,6 +248,7 @@ pub async fn bench(args: BenchArgs) -> Result<i32> {
             Scenario::Fleet => fleet(&args, &mut table).await?,
             Scenario::Batching => batching(&args, &mut table).await?,
             Scenario::Stream => stream(&args, &mut table).await?,
+            Scenario::Metrics => metrics(&args, &mut table).await?,
         }
     }
     println!();
@@ -600,6 +606,96 @@ async fn overhead(args: &BenchArgs, table: &mut Table) -> Result<()> {
         "calls/s",
     );
     Ok(())
+}
+
+// --------------------------------------------------------------- metrics
+
+/// The `overhead` run (1-unit, 0-round records, one processor) on a stack
+/// with metrics off and on a stack with them on, taking turns; each ratio
+/// is on over the off run just before it. The stack with metrics is scraped
+/// at the end: its pipeline must have counted every record it ran, and its
+/// processor every call.
+async fn metrics(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let (n, c) = (args.overhead_records, args.concurrency);
+    let mut stacks = Vec::new();
+    for on in [false, true] {
+        let listen = on.then(|| "127.0.0.1:0".to_owned());
+        let cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
+        let cfg = ProcessorConfig {
+            metrics: fanout::metrics::MetricsArgs { metrics_listen: listen.clone() },
+            ..cfg
+        };
+        let processor = server::start_processor(&cfg, Digest::default()).await?.0;
+        let mut cfg = PipelineConfig::new([processor.url()]);
+        cfg.listen = "127.0.0.1:0".into();
+        cfg.limits.max_records = usize::MAX;
+        cfg.metrics.metrics_listen = listen;
+        let pipeline = server::start_pipeline(&cfg).await?;
+        let client = session::connect(&pipeline.url()).await?;
+        let mut stack = Stack { processors: vec![processor], pipeline, client };
+        timed_run(&mut stack.client, request(one_unit_records(1_000), 0, proto::UnitMode::Parallel, c, true))
+            .await?;
+        stacks.push(stack);
+    }
+    let (mut offs, mut ons, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.repeat.max(1) {
+        let mut rates = [0.0; 2];
+        for (rate, stack) in rates.iter_mut().zip(&mut stacks) {
+            let req = request(one_unit_records(n), 0, proto::UnitMode::Parallel, c, true);
+            let (_, wall) = timed_run(&mut stack.client, req).await?;
+            *rate = n as f64 / wall.as_secs_f64();
+        }
+        offs.push(rates[0]);
+        ons.push(rates[1]);
+        ratios.push(rates[1] / rates[0]);
+    }
+    let with = stacks.pop().context("the stack with metrics")?;
+    let off = stacks.pop().context("the stack without")?;
+    ensure!(off.pipeline.metrics_addr.is_none(), "metrics were on in the stack without them");
+    let ran = (1_000 + n * args.repeat.max(1)) as f64;
+    let pipe =
+        scrape_sum(with.pipeline.metrics_addr.context("pipeline metrics")?, "fanout_records_total").await?;
+    let proc_addr = with.processors[0].metrics_addr.context("processor metrics")?;
+    let calls = scrape_sum(proc_addr, "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"fanout.v1.RecordProcessor\",grpc_method=\"ProcessRecord\",grpc_code=\"OK\"}").await?;
+    ensure!(pipe == ran && calls == ran, "scraped {pipe} records and {calls} calls, not {ran}");
+    off.stop().await?;
+    with.stop().await?;
+    table.compare(
+        "metrics",
+        format!("fanout, 1 processor, metrics on (scraped: {ran} records), {c} in flight"),
+        median(&mut ons),
+        median(&mut offs),
+        "records/s",
+        &mut ratios,
+        |r| Some((">= 0.97".to_owned(), r >= 0.97)),
+    );
+    Ok(())
+}
+
+/// Scrapes `/metrics` at `addr` once (HTTP/1.1, bounded in time) and sums
+/// the samples whose name, or name and labels, are `series`.
+async fn scrape_sum(addr: std::net::SocketAddr, series: &str) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let text = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        anyhow::Ok(text)
+    })
+    .await
+    .context("scraping metrics timed out")??;
+    ensure!(text.starts_with("HTTP/1.1 200"), "scraping {addr}: {}", text.lines().next().unwrap_or(""));
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if let Some((name, value)) = line.rsplit_once(' ')
+            && (name == series || name.split('{').next() == Some(series))
+        {
+            sum += value.parse::<f64>().with_context(|| format!("sample {line:?}"))?;
+        }
+    }
+    Ok(sum)
 }
 
 // --------------------------------------------------------------- batching

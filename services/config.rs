@@ -76,6 +76,9 @@ pub struct ProcessorConfig {
     /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Prometheus metrics.
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
 }
 
 impl Default for ProcessorConfig {
@@ -203,6 +206,9 @@ pub struct PipelineConfig {
     /// cancelled (and report CANCELLED).
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Prometheus metrics.
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
 }
 
 impl PipelineConfig {

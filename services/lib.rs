@@ -37,6 +37,8 @@
 //! - [`telemetry`]: tracing subscriber set-up for the binaries.
 //! - [`auth`]: bearer tokens (checked at the edge, sent to processors) and
 //!   the reflection switch.
+//! - [`metrics`]: Prometheus metrics of both servers and their `/metrics`
+//!   listener.
 
 #![warn(missing_docs)]
 
@@ -48,6 +50,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod listener;
+pub mod metrics;
 pub mod pipeline;
 pub mod processor;
 pub mod proto;

@@ -56,6 +56,10 @@ pub struct Running {
     auth: Option<Arc<TokenFile>>,
     /// The token a pipeline sends its processors (`--processor-token-file`).
     processor_token: Option<Arc<TokenFile>>,
+    /// The address `/metrics` is served on (`--metrics-listen`), if any.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Stops the metrics listener when the server is done with.
+    _metrics_stop: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Running {
@@ -121,6 +125,7 @@ pub async fn start_processor<W: Workload>(
 ) -> Result<(Running, Arc<EngineStats>), Error> {
     cfg.validate()?;
     let auth = cfg.access.auth_token_file.as_deref().map(TokenFile::open).transpose()?;
+    let metrics_listener = cfg.metrics.bind().await?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let engine = Arc::new(
@@ -128,6 +133,17 @@ pub async fn start_processor<W: Workload>(
             .with_inline_budget(cfg.inline_budget),
     );
     let stats = engine.stats().clone();
+    let grpc_metrics =
+        metrics_listener.as_ref().map(|_| Arc::new(crate::metrics::GrpcMetrics::new(PROCESSOR_SERVICE)));
+    let registry = grpc_metrics.clone().map(|grpc| {
+        let e = engine.clone();
+        crate::metrics::processor_registry(
+            grpc,
+            stats.clone(),
+            cfg.unit_threads(),
+            Box::new(move || e.queued_units()),
+        )
+    });
     info!(
         %addr,
         workload = engine.workload_name(),
@@ -165,8 +181,10 @@ pub async fn start_processor<W: Workload>(
         PROCESSOR_SERVICE,
         cfg.drain_timeout,
         None,
+        grpc_metrics,
     );
     running.auth = auth;
+    serve_metrics(&mut running, metrics_listener.zip(registry))?;
     let stop = running.stop_token();
     tokio::spawn(async move {
         stop.cancelled().await;
@@ -188,6 +206,7 @@ pub async fn start_pipeline_with_resolver(
 ) -> Result<Running, Error> {
     cfg.validate()?;
     let auth = cfg.access.auth_token_file.as_deref().map(TokenFile::open).transpose()?;
+    let metrics_listener = cfg.metrics.bind().await?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let cancel_runs = CancellationToken::new();
@@ -195,6 +214,11 @@ pub async fn start_pipeline_with_resolver(
     let balancer = pipeline.balancer().clone();
     let admission = pipeline.admission().clone();
     info!(%addr, processors = ?cfg.processors, "fanout-pipeline listening");
+    let grpc_metrics =
+        metrics_listener.as_ref().map(|_| Arc::new(crate::metrics::GrpcMetrics::new(PIPELINE_SERVICE)));
+    let registry = grpc_metrics
+        .clone()
+        .map(|grpc| crate::metrics::pipeline_registry(grpc, balancer.clone(), admission.clone()));
     let service = proto::pipeline_server::PipelineServer::new(pipeline)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(crate::convert::MAX_EVENT_BYTES);
@@ -214,10 +238,12 @@ pub async fn start_pipeline_with_resolver(
         PIPELINE_SERVICE,
         cfg.drain_timeout,
         Some(cancel_runs),
+        grpc_metrics,
     );
     running.admission = Some(admission);
     running.auth = auth;
     running.processor_token = balancer.processor_token().cloned();
+    serve_metrics(&mut running, metrics_listener.zip(registry))?;
     follow_processors(balancer, reporter, running.stop_token());
     Ok(running)
 }
@@ -249,6 +275,20 @@ fn follow_processors(balancer: Arc<Balancer>, reporter: HealthReporter, stop: Ca
             }
         }
     });
+}
+
+/// Serves `/metrics` for `running` until it is done with (see
+/// [`crate::metrics`]), when metrics are on.
+fn serve_metrics(
+    running: &mut Running,
+    metrics: Option<(TcpListener, prometheus_client::registry::Registry)>,
+) -> Result<(), Error> {
+    if let Some((listener, registry)) = metrics {
+        let stop = CancellationToken::new();
+        running.metrics_addr = Some(crate::metrics::serve(listener, registry, stop.clone())?);
+        running._metrics_stop = Some(stop.drop_guard());
+    }
+    Ok(())
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
@@ -365,6 +405,7 @@ fn spawn(
     service: &'static str,
     drain: Duration,
     cancel_rest: Option<CancellationToken>,
+    grpc_metrics: Option<Arc<crate::metrics::GrpcMetrics>>,
 ) -> Running {
     let stop = CancellationToken::new();
     let sever = CancellationToken::new();
@@ -406,6 +447,7 @@ fn spawn(
     let closing = sever.clone();
     let task = tokio::spawn(async move {
         let svc = tower::ServiceBuilder::new()
+            .layer(crate::metrics::GrpcMetricsLayer::new(grpc_metrics))
             .layer(TrackCallsLayer)
             .map_response(request_errors_as_invalid_argument(max_message_bytes))
             .service(routes.prepare());
@@ -440,7 +482,17 @@ fn spawn(
         closing.cancel();
         Ok(())
     });
-    Running { addr, stop, sever, task, admission: None, auth: None, processor_token: None }
+    Running {
+        addr,
+        stop,
+        sever,
+        task,
+        admission: None,
+        auth: None,
+        processor_token: None,
+        metrics_addr: None,
+        _metrics_stop: None,
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix).

@@ -9,7 +9,8 @@
 #      Kubernetes $K8S_VERSION, the newest the pinned kubernetes-validate knows;
 #   4. what the deployment relies on, checked on the rendered objects: the
 #      processor Service is headless, the pipeline finds processors through
-#      it, servers listen on 0.0.0.0 at their containerPort, gRPC readiness
+#      it, servers listen on 0.0.0.0 at their containerPort (and serve
+#      metrics on 9090, annotated for Prometheus), gRPC readiness
 #      probes name the right service, a processor outage cannot restart a
 #      pipeline, the grace period outlasts the drain, the memory limit
 #      outlasts the budget, the hardened securityContext is everywhere.
@@ -143,7 +144,12 @@ for name, (port, ready_service) in expected.items():
         image = c.get("image", "")
         check("@" in image or ":" in image.rsplit("/", 1)[-1], f"{where}: image {image!r} without a tag")
         check(env.get("FANOUT_LISTEN") == f"0.0.0.0:{port}", f"{where}: FANOUT_LISTEN is not 0.0.0.0:{port}")
-        check([p["containerPort"] for p in c.get("ports", [])] == [port], f"{where}: containerPort is not {port}")
+        ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+        check(ports == {"grpc": port, "metrics": 9090}, f"{where}: ports are not grpc {port} and metrics 9090")
+        check(env.get("FANOUT_METRICS_LISTEN") == "0.0.0.0:9090", f"{where}: FANOUT_METRICS_LISTEN is not 0.0.0.0:9090")
+        notes = dep["spec"]["template"].get("metadata", {}).get("annotations", {})
+        check(notes.get("prometheus.io/scrape") == "true" and notes.get("prometheus.io/port") == "9090"
+              and notes.get("prometheus.io/path") == "/metrics", f"{name}: prometheus.io annotations")
         ready = c.get("readinessProbe", {}).get("grpc", {})
         check(ready == {"port": port, "service": ready_service},
               f"{where}: readiness is not a gRPC probe of {ready_service} on {port}")

@@ -4,6 +4,7 @@
 use clap::Parser;
 use fanout::config::PipelineConfig;
 use fanout::server;
+use std::io::Write;
 
 // mimalloc: measurably less time in malloc/free than glibc's arenas when
 // async workers and unit threads hand buffers to each other (fanout bench).
@@ -17,6 +18,10 @@ async fn main() -> anyhow::Result<()> {
     let running = server::start_pipeline(&cfg).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-pipeline listening on {}", running.addr);
+    if let Some(at) = running.metrics_addr {
+        // A reader may have closed stdout after the line above: not an error.
+        let _ = writeln!(std::io::stdout(), "fanout-pipeline metrics on {at}");
+    }
     let stop = running.stop_token();
     tokio::spawn(async move {
         server::shutdown_signal().await;

@@ -5,6 +5,7 @@ use clap::Parser;
 use fanout::config::ProcessorConfig;
 use fanout::server;
 use fanout::workload::Digest;
+use std::io::Write;
 
 // mimalloc: measurably less time in malloc/free than glibc's arenas when
 // async workers and unit threads hand buffers to each other (fanout bench).
@@ -18,6 +19,10 @@ async fn main() -> anyhow::Result<()> {
     let (running, _stats) = server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-processor listening on {}", running.addr);
+    if let Some(at) = running.metrics_addr {
+        // A reader may have closed stdout after the line above: not an error.
+        let _ = writeln!(std::io::stdout(), "fanout-processor metrics on {at}");
+    }
     let stop = running.stop_token();
     tokio::spawn(async move {
         server::shutdown_signal().await;

@@ -46,6 +46,8 @@ pub struct EngineStats {
     pub units_started: AtomicU64,
     /// Units that finished (successfully, with an error, or by panicking).
     pub units_finished: AtomicU64,
+    /// Units by outcome, and their durations, for Prometheus.
+    pub units: crate::metrics::UnitMetrics,
 }
 
 impl EngineStats {
@@ -121,6 +123,11 @@ impl<W: Workload> Engine<W> {
     /// The engine's counters.
     pub fn stats(&self) -> &Arc<EngineStats> {
         &self.stats
+    }
+
+    /// Unit jobs waiting for a unit thread.
+    pub fn queued_units(&self) -> usize {
+        self.pool.queued()
     }
 
     /// The workload's name.
@@ -287,7 +294,9 @@ fn run_unit<W: Workload>(
     let result = guarded(&ctx.record_id, Step::Unit { index: i, count: ctx.count }, || {
         workload.process(unit, &ctx.cancelled)
     });
-    ctx.cost.observe(started.elapsed());
+    let took = started.elapsed();
+    ctx.cost.observe(took);
+    stats.units.unit(result.is_ok(), took);
     stats.units_finished.fetch_add(1, Ordering::SeqCst);
     result
 }

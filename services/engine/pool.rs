@@ -7,7 +7,7 @@
 //! finishes a unit takes the next without parking while work is queued.
 
 use crate::error::Error;
-use crossbeam_channel::{Sender, unbounded};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,8 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 pub struct UnitPool {
     jobs: Sender<Job>,
+    /// Kept to count waiting jobs (a receiver does not keep the threads alive).
+    queue: Receiver<Job>,
 }
 
 impl UnitPool {
@@ -39,7 +41,12 @@ impl UnitPool {
                 })
                 .expect("spawning a unit thread");
         }
-        Self { jobs }
+        Self { jobs, queue }
+    }
+
+    /// Jobs waiting for a thread.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
     }
 
     /// Runs `work` on a pool thread and waits for its result. Dropping the

@@ -122,6 +122,8 @@ pub struct Endpoint {
     /// Cancelled when the instance is lost: its in-flight attempts end.
     lost: Mutex<CancellationToken>,
     warned_no_describe: AtomicBool,
+    /// Its attempts, for Prometheus (they go with the instance).
+    pub metrics: crate::metrics::EndpointMetrics,
 }
 
 impl Endpoint {
@@ -160,6 +162,7 @@ impl Endpoint {
             name: Mutex::new(String::new()),
             lost: Mutex::new(CancellationToken::new()),
             warned_no_describe: AtomicBool::new(false),
+            metrics: Default::default(),
         })
     }
 
@@ -253,6 +256,11 @@ impl Drop for RunQueue {
 }
 
 impl RunQueue {
+    /// The pipeline's run and record counts.
+    pub fn metrics(&self) -> &Arc<crate::metrics::RunMetrics> {
+        &self.balancer.run_metrics
+    }
+
     /// Waits for a slot (see the [module docs](self)); `avoid` is the id of
     /// the instance the record just failed on, taken only when no other has
     /// room. `UNAVAILABLE` when a round of health probes finds every
@@ -361,6 +369,8 @@ pub struct Balancer {
     /// Held by the one run checking the fleet itself ([`Balancer::ensure_ready`]),
     /// so that runs arriving together share one round of lookups and probes.
     ready_round: tokio::sync::Mutex<()>,
+    /// Runs, records and placeless attempts, for Prometheus.
+    run_metrics: Arc<crate::metrics::RunMetrics>,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -598,6 +608,7 @@ impl Balancer {
             ready_round: tokio::sync::Mutex::new(()),
             resolve_soon: Notify::new(),
             usable_tx,
+            run_metrics: Arc::default(),
         };
         for (i, t) in b.targets.iter().enumerate() {
             if let Some(addr) = t.fixed_addr() {
@@ -644,6 +655,11 @@ impl Balancer {
     /// A new run's place in the rotation.
     pub fn run_queue(self: &Arc<Self>) -> RunQueue {
         RunQueue { id: self.next_run.fetch_add(1, Ordering::Relaxed), balancer: self.clone() }
+    }
+
+    /// The pipeline's run and record counts.
+    pub fn run_metrics(&self) -> &Arc<crate::metrics::RunMetrics> {
+        &self.run_metrics
     }
 
     /// Attempts waiting for a slot, over all runs.

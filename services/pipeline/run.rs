@@ -299,6 +299,7 @@ async fn execute_inner(
     control: RunControl,
 ) {
     let opts = spec.options;
+    let mut tally = queue.metrics().run_started();
     info!(
         records = source.total(),
         processors = processor_count,
@@ -460,6 +461,7 @@ async fn execute_inner(
                             // Many refusals in a row count as one attempt.
                             if p.not_started >= MAX_NOT_STARTED {
                                 p.attempts += 1;
+                                ctx.queue.metrics().attempt(p.last.as_deref(), status.code(), None);
                             }
                             p.not_started = 0;
                             let code = status.code();
@@ -485,6 +487,7 @@ async fn execute_inner(
                     in_flight -= 1;
                     let result = p.result(outcome);
                     report.add(&result);
+                    ctx.queue.metrics().record(&result);
                     if let Err(why) = outbox.push(RunEvent::Record(result)) {
                         return gone(why, &control);
                     }
@@ -541,6 +544,7 @@ async fn execute_inner(
             let result =
                 p.result(Outcome::Failed(Failure { code: tonic::Code::Cancelled, message: reason.clone() }));
             report.add(&result);
+            ctx.queue.metrics().record(&result);
             deliver!(outbox.send(RunEvent::Record(result)));
         }
     }
@@ -549,6 +553,7 @@ async fn execute_inner(
         Some(Stop::Fault(fault)) => {
             info!(received = source.received(), finished = report.finished(), "run ended by its input");
             let failure = Failure { code: fault.code(), message: fault.to_string() };
+            tally.finish(None);
             deliver!(outbox.send(RunEvent::Aborted(failure)));
             return;
         }
@@ -556,6 +561,7 @@ async fn execute_inner(
         None => None,
     };
     let report = report.finish(abort);
+    tally.finish(Some(report.status));
     info!(
         status = ?report.status,
         succeeded = report.summary.records_succeeded,
@@ -658,6 +664,7 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
                     .into_iter()
                     .map(|mut p| {
                         p.attempts += 1;
+                        ctx.queue.metrics().attempt(None, status.code(), None);
                         if let Some(epoch) = ctx.attempt_epoch {
                             let failure = Some(attempt_log::failure(&status));
                             attempt_log::push(&mut p.log, epoch, p.attempts, None, now, failure, size);
@@ -756,9 +763,17 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
             let (endpoint, failure) = (Some(&**lease.endpoint()), step.failure());
             attempt_log::push(&mut p.log, epoch, p.attempts, endpoint, attempt_start, failure, size);
         }
-        if refused {
-            p.attempts -= 1;
-        }
+        let code = match step {
+            Step::NotStarted(_) => {
+                p.attempts -= 1;
+                continue;
+            }
+            Step::Requeue => continue,
+            Step::Succeeded(_) => tonic::Code::Ok,
+            Step::Failed(s) => s.code(),
+            Step::Stopped => tonic::Code::Cancelled,
+        };
+        ctx.queue.metrics().attempt(Some(lease.endpoint()), code, Some(attempt_start.elapsed()));
     }
     drop(lease);
     items.extend(rest.into_iter().map(|p| (p, Step::Requeue)));
