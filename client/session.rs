@@ -54,6 +54,8 @@ pub async fn run(
 ) -> Result<proto::RunReport> {
     let keep = !request.options.as_ref().is_some_and(|o| o.summary_only);
     let mut results = Vec::new();
+    let mut request = tonic::Request::new(request);
+    fanout::otel::inject_current(request.metadata_mut());
     let mut stream = client
         .run(request)
         .await
@@ -111,7 +113,9 @@ pub async fn run_stream(
     let (tx, rx) = mpsc::channel(2);
     tx.try_send(proto::RunInput { input: Some(Input::Header(header)) }).expect("a new channel has room");
     let mut feeder = AbortOnDrop(tokio::spawn(feed(first, batches, tx)));
-    let mut stream = match client.run_stream(ReceiverStream::new(rx)).await {
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    fanout::otel::inject_current(request.metadata_mut());
+    let mut stream = match client.run_stream(request).await {
         Ok(response) => response.into_inner(),
         Err(s) => {
             // A bad input ends the request stream, which the pipeline may
@@ -158,7 +162,13 @@ pub async fn run_stream(
                             )
                         })?;
                     match event.event {
-                        Some(Event::Started(s)) => bar.set_prefix(s.run_id),
+                        Some(Event::Started(s)) => {
+                            // The id to look the run up by in a trace viewer, or in the logs.
+                            if !s.trace_id.is_empty() {
+                                bar.suspend(|| eprintln!("trace id: {}", s.trace_id));
+                            }
+                            bar.set_prefix(s.run_id)
+                        }
                         Some(Event::Record(r)) => {
                             arrived += 1;
                             if r.status() != RecordStatus::Succeeded {

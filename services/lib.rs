@@ -35,6 +35,8 @@
 //! - [`listener`]: accepting connections (back-off when out of descriptors),
 //!   handshake and idle timeouts, open calls counted per connection.
 //! - [`telemetry`]: tracing subscriber set-up for the binaries.
+//! - [`otel`]: trace context across client, pipeline and processor
+//!   (W3C `traceparent`), and the per-run bound on attempt spans.
 
 #![warn(missing_docs)]
 
@@ -45,6 +47,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod listener;
+pub mod otel;
 pub mod pipeline;
 pub mod processor;
 pub mod proto;

@@ -475,6 +475,7 @@ impl Lease {
                 .map_err(|e| tonic::Status::unavailable(format!("{}: not ready: {e}", ep.addr)))?;
             let mut request = tonic::Request::new(req);
             request.set_timeout(timeout);
+            crate::otel::inject_current(request.metadata_mut());
             let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
             grpc.unary(request, path, tonic_prost::ProstCodec::<Req, Resp>::default()).await
         };
