@@ -97,6 +97,21 @@ pub fn init_with_traces(
     export: Option<TraceExport>,
 ) -> Result<Telemetry, Error> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let Some(export) = export else {
+        // No export: exactly the plain subscriber, one global filter.
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        let _ = match format {
+            LogFormat::Text => builder.try_init(),
+            LogFormat::Json => {
+                builder.json().flatten_event(true).with_current_span(false).with_span_list(true).try_init()
+            }
+        };
+        return Ok(Telemetry::default());
+    };
+    let provider = provider(&export)?;
+    // Each layer filters for itself: RUST_LOG the lines, and only our own
+    // spans (run, attempt, process) at info for the collector, whatever
+    // RUST_LOG says; not the libraries'.
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
@@ -104,21 +119,25 @@ pub fn init_with_traces(
             fmt.json().flatten_event(true).with_current_span(false).with_span_list(true).boxed()
         }
     };
-    let provider = export.map(|e| provider(&e)).transpose()?;
-    let otel = provider.as_ref().map(|p| {
-        // Only our own spans (run, attempt, process), not the libraries'.
-        let spans = Targets::new().with_target("fanout", tracing::Level::INFO);
-        tracing_opentelemetry::layer().with_tracer(p.tracer("fanout")).with_filter(spans)
-    });
-    let installed = tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init();
-    match (installed, provider) {
-        (Ok(()), provider) => Ok(Telemetry { provider }),
-        // Already installed: this call's exporter would never get a span.
-        (Err(_), Some(p)) => {
-            let _ = p.shutdown();
+    let spans = Targets::new().with_target("fanout", tracing::Level::INFO);
+    // The run's span is entered on every poll of its task: no clock reads
+    // (busy/idle times) or OpenTelemetry context switches per entry, and no
+    // thread or source-location attributes per span. Contexts travel
+    // explicitly (otel.rs), never through `Context::current()`.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("fanout"))
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_filter(spans);
+    match tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init() {
+        Ok(()) => Ok(Telemetry { provider: Some(provider) }),
+        // Already installed: this exporter would never get a span.
+        Err(_) => {
+            let _ = provider.shutdown();
             Ok(Telemetry::default())
         }
-        (Err(_), None) => Ok(Telemetry::default()),
     }
 }
 
