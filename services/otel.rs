@@ -100,6 +100,27 @@ impl Extractor for Pair<'_> {
     }
 }
 
+/// Whether `tp` has the W3C shape (`00-` + 32 + `-` + 16 + `-` + 2
+/// lowercase hex digits; later versions may append fields), which the
+/// SDK's propagator does not check: it takes `00-4bf9-00f0-01`.
+fn well_formed(tp: &str) -> bool {
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let parts: Vec<&str> = tp.split('-').collect();
+    match parts.as_slice() {
+        [version, trace, span, flags, rest @ ..] => {
+            hex(version, 2)
+                && *version != "ff"
+                && (rest.is_empty() || *version != "00")
+                && hex(trace, 32)
+                && hex(span, 16)
+                && hex(flags, 2)
+        }
+        _ => false,
+    }
+}
+
 /// The trace context a call arrived with: its caller's span, if the call
 /// carried a valid `traceparent` (an invalid one is ignored, as W3C asks).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -108,15 +129,20 @@ pub struct Parent(Option<SpanContext>);
 impl Parent {
     /// From a request's `traceparent` and `tracestate`.
     pub fn from_metadata(metadata: &MetadataMap) -> Self {
-        if !metadata.contains_key(TRACEPARENT) {
-            return Self(None);
+        match metadata.get(TRACEPARENT).map(|v| v.to_str()) {
+            Some(Ok(tp)) if well_formed(tp) => {
+                Self::from_context(TraceContextPropagator::new().extract(&MetadataExtractor(metadata)))
+            }
+            _ => Self(None),
         }
-        Self::from_context(TraceContextPropagator::new().extract(&MetadataExtractor(metadata)))
     }
 
     /// From the two header values (`TRACEPARENT` / `TRACESTATE` env vars of
     /// a client). `None` when `traceparent` is not a valid W3C value.
     pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<Self> {
+        if !well_formed(traceparent.trim()) {
+            return None;
+        }
         let cx = TraceContextPropagator::new().extract(&Pair(traceparent.trim(), tracestate));
         Some(Self::from_context(cx)).filter(|p| p.0.is_some())
     }
@@ -368,9 +394,14 @@ mod tests {
 
     #[test]
     fn invalid_traceparents_are_ignored() {
-        for bad in
-            ["", "garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-4bf9-00f0-01"]
-        {
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf9-00f0-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
             assert!(Parent::parse(bad, None).is_none(), "{bad:?}");
             let mut md = MetadataMap::new();
             if let Ok(v) = bad.parse() {
