@@ -18,10 +18,10 @@
 //!   default) get a span and send a *sampled* `traceparent`; later ones get
 //!   none and send the run's context marked not sampled, so the processor
 //!   makes no exported span for them either (its log span still carries
-//!   the trace id). A processor never starts a trace of its own: a call with
-//!   no sampled `traceparent` gets no exported span. A million-record run is then about a thousand attempt spans
-//!   and a thousand processor spans, not two million; the run span records
-//!   `attempts_untraced`. A retry is an attempt like any other: failures
+//!   the trace id). A processor never starts a trace of its own: a call
+//!   with no sampled `traceparent` gets no exported span. A million-record
+//!   run is then about a thousand attempt spans and a thousand processor
+//!   spans, not two million; the run span records `attempts_untraced`. A retry is an attempt like any other: failures
 //!   past the cap are in the logs, not the trace.
 //! - Trace id without any tracing configured: the incoming `traceparent`'s
 //!   when the call had one, else a random one generated for the run. It is
