@@ -19,6 +19,9 @@
 //! - metrics: the overhead figure (one processor) with `--metrics-listen`
 //!   on the pipeline and the processor vs without, in turns; each metrics
 //!   listener is scraped at the end to show it counted every record.
+//! - tracing: the overhead run through a pipeline and a processor in child
+//!   processes, untraced vs exporting spans to a local OTLP sink at the
+//!   default sampling: what tracing costs.
 
 use crate::input::generated_records;
 use crate::procs::{KillOnDrop, Proc, cpu_seconds, peak_rss_mib};
@@ -69,6 +72,9 @@ pub enum Scenario {
     Stream,
     /// The overhead figure with Prometheus metrics on vs off.
     Metrics,
+    /// The overhead run with spans exported over OTLP (default sampling) vs
+    /// the same run untraced.
+    Tracing,
 }
 
 /// Flags of `fanout bench`.
@@ -249,6 +255,7 @@ pub async fn bench(args: BenchArgs) -> Result<i32> {
             Scenario::Batching => batching(&args, &mut table).await?,
             Scenario::Stream => stream(&args, &mut table).await?,
             Scenario::Metrics => metrics(&args, &mut table).await?,
+            Scenario::Tracing => tracing_cost(&args, &mut table).await?,
         }
     }
     println!();
@@ -1363,5 +1370,143 @@ async fn fleet(args: &BenchArgs, table: &mut Table) -> Result<()> {
     for p in processors {
         p.shutdown().await?;
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- tracing
+
+/// A collector that only counts the spans it is sent: where the traced
+/// half's servers export to.
+#[derive(Clone, Default)]
+struct SpanSink(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for SpanSink {
+    async fn export(
+        &self,
+        request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let spans: usize = (request.into_inner().resource_spans.iter())
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0.fetch_add(spans as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// Starts the sink on a loopback port: its URL, its count, its stop.
+async fn start_span_sink() -> Result<(String, SpanSink, tokio_util::sync::CancellationToken)> {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (sink, stop) = (SpanSink::default(), tokio_util::sync::CancellationToken::new());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(sink.clone()))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop.clone().cancelled_owned(),
+            ),
+    );
+    Ok((url, sink, stop))
+}
+
+/// A processor and a pipeline over it, each a child process of this binary
+/// (hidden subcommands) with `otlp` as its OTLP endpoint, or with no
+/// tracing at all; and a client.
+async fn child_stack(
+    otlp: Option<&str>,
+    max_records: usize,
+) -> Result<(Proc, Proc, PipelineClient<Channel>)> {
+    let command = |args: &[&str]| -> Result<Command> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .stderr(Stdio::inherit());
+        if let Some(url) = otlp {
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", url);
+        }
+        Ok(cmd)
+    };
+    let processor =
+        Proc::spawn(command(&["serve-processor", "--listen", "127.0.0.1:0"])?, "the processor child").await?;
+    let url = format!("http://{}", processor.addr);
+    let max = max_records.to_string();
+    let args = ["serve-pipeline", "--listen", "127.0.0.1:0", "--processors", &url, "--max-records", &max];
+    let pipeline = Proc::spawn(command(&args)?, "the pipeline child").await?;
+    let client = session::connect(&pipeline.addr).await?;
+    Ok((processor, pipeline, client))
+}
+
+/// What tracing costs: the overhead scenario's run (1-unit, 0-round
+/// records, `--concurrency` in flight) through a pipeline and a processor
+/// in child processes, untraced, and with both exporting spans to a local
+/// OTLP sink at the default sampling (the client's sampled `traceparent`,
+/// parent-based always-on, `--trace-attempts-per-run` 1000). Children,
+/// because a process installs its tracing subscriber once: the two halves
+/// differ only in `OTEL_EXPORTER_OTLP_ENDPOINT`. Ratio traced / untraced,
+/// measured in turns.
+async fn tracing_cost(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let n = args.overhead_records;
+    let c = args.concurrency;
+    let (sink_url, sink, stop) = start_span_sink().await?;
+    let (p0, q0, mut plain) = child_stack(None, n.max(1_000)).await?;
+    let (p1, q1, mut traced) = child_stack(Some(&sink_url), n.max(1_000)).await?;
+    // CPU time of a half's two servers: steadier than wall time on a busy machine.
+    let cpu = |a: &Proc, b: &Proc| -> Result<f64> { Ok(cpu_seconds(a.pid())? + cpu_seconds(b.pid())?) };
+    // What a client with a trace of its own sends.
+    let parent = fanout::otel::Parent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None)
+        .context("the bench's traceparent")?;
+    let traced_run = async |client: &mut PipelineClient<Channel>, records: usize| -> Result<Duration> {
+        let req = request(one_unit_records(records), 0, proto::UnitMode::Parallel, c, true);
+        let outgoing = parent.outgoing().context("a traceparent to send")?;
+        Ok(outgoing.scope(timed_run(client, req)).await?.1)
+    };
+    timed_run(&mut plain, request(one_unit_records(1_000), 0, proto::UnitMode::Parallel, c, true)).await?;
+    traced_run(&mut traced, 1_000).await?;
+    let (mut rates, mut bases, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_plain, mut cpu_traced, mut cpu_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.repeat.max(1) {
+        let req = request(one_unit_records(n), 0, proto::UnitMode::Parallel, c, true);
+        let before = cpu(&p0, &q0)?;
+        let base = n as f64 / timed_run(&mut plain, req).await?.1.as_secs_f64();
+        let plain_us = (cpu(&p0, &q0)? - before) * 1e6 / n as f64;
+        let before = cpu(&p1, &q1)?;
+        let rate = n as f64 / traced_run(&mut traced, n).await?.as_secs_f64();
+        let traced_us = (cpu(&p1, &q1)? - before) * 1e6 / n as f64;
+        bases.push(base);
+        rates.push(rate);
+        ratios.push(rate / base);
+        cpu_plain.push(plain_us);
+        cpu_traced.push(traced_us);
+        cpu_ratios.push(plain_us / traced_us);
+    }
+    table.compare(
+        "tracing",
+        format!("traced (OTLP to a local sink, default sampling), {c} in flight"),
+        median(&mut rates),
+        median(&mut bases),
+        "records/s",
+        &mut ratios,
+        |r| Some((">= 0.9".to_owned(), r >= 0.9)),
+    );
+    table.add("tracing", "baseline: the same run untraced", median(&mut bases), "records/s");
+    table.compare(
+        "tracing",
+        "servers' CPU per record, traced (untraced / traced)",
+        median(&mut cpu_traced),
+        median(&mut cpu_plain),
+        "us",
+        &mut cpu_ratios,
+        |_| None,
+    );
+    // Exported so far (the batch processor sends every 5 s or per 512 spans).
+    table.add("tracing", "spans received by the sink", sink.0.load(Ordering::Relaxed) as f64, "spans");
+    stop.cancel();
     Ok(())
 }

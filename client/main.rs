@@ -19,6 +19,7 @@ mod procs;
 mod render;
 mod session;
 mod timeline;
+mod trace;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -62,6 +63,9 @@ enum Command {
     /// Serve a pipeline in this process (the bench's child process).
     #[command(hide = true)]
     ServePipeline(PipelineConfig),
+    /// Serve a digest processor in this process (the bench's child process).
+    #[command(hide = true)]
+    ServeProcessor(ProcessorConfig),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -228,7 +232,7 @@ fn write_timeline(
     Ok(())
 }
 
-async fn run(args: RunArgs) -> Result<i32> {
+async fn run(args: RunArgs, exporting: bool) -> Result<i32> {
     let params: fanout::domain::JsonMap =
         serde_json::from_str(&args.params).context("--params must be a JSON object")?;
     // Opened first, so a missing file is reported before any connection.
@@ -239,16 +243,18 @@ async fn run(args: RunArgs) -> Result<i32> {
     let header = args.settings.header(params);
     let (progress, output) = (!args.settings.quiet, args.settings.output.as_deref());
     let mut timeline = args.settings.timeline.as_ref().map(|_| timeline::Recorder::new());
-    let report = session::run_stream(
-        &mut client,
-        header,
-        batches,
-        progress,
-        output,
-        token.as_ref(),
-        timeline.as_mut(),
-    )
-    .await;
+    let trace = trace::ClientTrace::start(exporting);
+    let report = trace
+        .scope(session::run_stream(
+            &mut client,
+            header,
+            batches,
+            progress,
+            output,
+            token.as_ref(),
+            timeline.as_mut(),
+        ))
+        .await;
     write_timeline(args.settings.timeline.as_deref(), timeline, &report)?;
     let report = report?;
     print_report(&report, args.settings.table)?;
@@ -314,9 +320,19 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     Ok(session::exit_code(&report))
 }
 
+/// Longest wait on exit for buffered spans to reach the collector.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    fanout::telemetry::init("warn", cli.log_format);
+    // Spans are exported (OTEL_EXPORTER_OTLP_ENDPOINT) by `run` and by the
+    // servers the bench starts in child processes.
+    let service = match cli.command {
+        Command::Run(_) => Some("fanout"),
+        Command::ServePipeline(_) => Some("fanout-pipeline"),
+        Command::ServeProcessor(_) => Some("fanout-processor"),
+        _ => None,
+    };
     // `run` follows one call while its input is read on a thread of its
     // own, so one runtime thread is plenty; and under mimalloc's per-thread
     // heaps every worker that frees what another allocated adds RSS (a
@@ -326,21 +342,35 @@ fn main() -> Result<()> {
         Command::Run(_) => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
-    let code =
-        runtime.enable_all().build().context("starting the runtime")?.block_on(dispatch(cli.command))?;
+    let runtime = runtime.enable_all().build().context("starting the runtime")?;
+    let export = service.and_then(fanout::telemetry::TraceExport::from_env);
+    // The exporter's connection needs the runtime.
+    let telemetry =
+        runtime.block_on(async { fanout::telemetry::init_with_traces("warn", cli.log_format, export) })?;
+    let code = runtime.block_on(async {
+        let code = dispatch(cli.command, telemetry.exporting()).await;
+        telemetry.shutdown(TRACE_FLUSH).await;
+        code
+    })?;
     std::process::exit(code);
 }
 
 /// Runs one subcommand; its exit code.
-async fn dispatch(command: Command) -> Result<i32> {
+async fn dispatch(command: Command, exporting: bool) -> Result<i32> {
     Ok(match command {
-        Command::Run(args) => run(args).await?,
+        Command::Run(args) => run(args, exporting).await?,
         Command::Demo(args) => demo(args).await?,
         Command::Bench(args) => bench::bench(args).await?,
         Command::Load(args) => load::load(args).await?,
         Command::ServePipeline(cfg) => {
             let running = server::start_pipeline(&cfg).await?;
             println!("fanout-pipeline listening on {}", running.addr);
+            running.wait().await?;
+            0
+        }
+        Command::ServeProcessor(cfg) => {
+            let (running, _) = server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?;
+            println!("fanout-processor listening on {}", running.addr);
             running.wait().await?;
             0
         }

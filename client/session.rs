@@ -54,6 +54,8 @@ pub async fn run(
 ) -> Result<proto::RunReport> {
     let keep = !request.options.as_ref().is_some_and(|o| o.summary_only);
     let mut results = Vec::new();
+    let mut request = tonic::Request::new(request);
+    fanout::otel::inject_current(request.metadata_mut());
     let mut stream = client
         .run(request)
         .await
@@ -119,6 +121,7 @@ pub async fn run_stream(
     if let Some(token) = token {
         request.metadata_mut().insert(fanout::auth::AUTHORIZATION, token.clone());
     }
+    fanout::otel::inject_current(request.metadata_mut());
     let mut stream = match client.run_stream(request).await {
         Ok(response) => response.into_inner(),
         Err(s) => {
@@ -169,6 +172,10 @@ pub async fn run_stream(
                         Some(Event::Started(s)) => {
                             if let Some(t) = timeline.as_deref_mut() {
                                 t.started(&s);
+                            }
+                            // The id to look the run up by in a trace viewer, or in the logs.
+                            if !s.trace_id.is_empty() {
+                                bar.suspend(|| eprintln!("trace id: {}", s.trace_id));
                             }
                             bar.set_prefix(s.run_id)
                         }

@@ -202,6 +202,9 @@ pub struct PipelineConfig {
     /// The token sent to processors.
     #[command(flatten)]
     pub processor_token: crate::auth::ProcessorTokenArgs,
+    /// Distributed tracing.
+    #[command(flatten)]
+    pub trace: crate::otel::TraceArgs,
     /// On SIGINT/SIGTERM, how long runs may take to finish before they are
     /// cancelled (and report CANCELLED).
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

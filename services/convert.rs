@@ -498,12 +498,13 @@ pub fn event_to_proto(e: RunEvent) -> Result<proto::RunEvent, tonic::Status> {
     use proto::run_event::Event;
     let event = match e {
         RunEvent::Aborted(f) => return Err(tonic::Status::new(f.code, f.message)),
-        RunEvent::Started { run_id, record_count, processor_count, started_at } => {
+        RunEvent::Started { run_id, record_count, processor_count, started_at, trace_id } => {
             Event::Started(proto::RunStarted {
                 run_id,
                 record_count,
                 processor_count,
                 started_at: Some(timestamp_to_proto(started_at)),
+                trace_id,
             })
         }
         RunEvent::Record(r) => Event::Record(record_result_to_proto(r)),

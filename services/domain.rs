@@ -251,6 +251,8 @@ pub enum RunEvent {
         processor_count: u32,
         /// Start time.
         started_at: SystemTime,
+        /// The run's trace id (hex).
+        trace_id: String,
     },
     /// One record's final result.
     Record(RecordResult),

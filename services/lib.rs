@@ -39,6 +39,8 @@
 //!   the reflection switch.
 //! - [`metrics`]: Prometheus metrics of both servers and their `/metrics`
 //!   listener.
+//! - [`otel`]: trace context across client, pipeline and processor
+//!   (W3C `traceparent`), and the per-run bound on attempt spans.
 
 #![warn(missing_docs)]
 
@@ -51,6 +53,7 @@ pub mod engine;
 pub mod error;
 pub mod listener;
 pub mod metrics;
+pub mod otel;
 pub mod pipeline;
 pub mod processor;
 pub mod proto;

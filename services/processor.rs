@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// Response metadata key marking a refusal as "the record was not started":
 /// the caller may send it again without counting an attempt.
@@ -159,13 +160,15 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
         &self,
         request: Request<proto::ProcessRecordRequest>,
     ) -> Result<Response<proto::ProcessRecordResponse>, Status> {
+        let parent = crate::otel::Parent::from_metadata(request.metadata());
         let _held = self.admit(&request, "record").await?;
         let task = convert::record_task_from_proto(request.into_inner())?;
         let record_id = task.record.id.clone();
+        let span = crate::otel::record_span(&parent, &task.run_id, &record_id, task.attempt);
         // If the caller cancels (or the call's deadline passes), tonic drops
         // this future, and with it the engine's: the record's units that
         // have not started never start, and running ones see their flag.
-        let output = self.engine.process(task).await?;
+        let output = self.engine.process(task).instrument(span).await?;
         Ok(Response::new(convert::record_output_to_proto(record_id, output, &self.description.name)))
     }
 
@@ -174,6 +177,7 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
         request: Request<proto::ProcessBatchRequest>,
     ) -> Result<Response<proto::ProcessBatchResponse>, Status> {
         // One slot for the call, as a pipeline counts it.
+        let parent = crate::otel::Parent::from_metadata(request.metadata());
         let _held = self.admit(&request, "batch").await?;
         let request = request.into_inner();
         let timeout = match &request.record_timeout {
@@ -189,10 +193,12 @@ impl<W: Workload> proto::record_processor_server::RecordProcessor for ProcessorS
         let tasks = convert::batch_tasks_from_proto(request)?;
         // Every record on its own: its units join the shared unit threads,
         // its failure and its deadline are its own.
+        let parent = &parent;
         let results = futures::future::join_all(tasks.into_iter().map(|task| async move {
             let task = task?;
             let record_id = task.record.id.clone();
-            let work = self.engine.process(task);
+            let span = crate::otel::record_span(parent, &task.run_id, &record_id, task.attempt);
+            let work = self.engine.process(task).instrument(span);
             let output = match timeout {
                 None => work.await?,
                 Some(t) => tokio::time::timeout(t, work).await.map_err(|_| {

@@ -4,17 +4,24 @@
 use clap::Parser;
 use fanout::config::PipelineConfig;
 use fanout::server;
+use fanout::telemetry::TraceExport;
 use std::io::Write;
+use std::time::Duration;
 
 // mimalloc: measurably less time in malloc/free than glibc's arenas when
 // async workers and unit threads hand buffers to each other (fanout bench).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Longest wait on exit for buffered spans to reach the collector.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = PipelineConfig::parse();
-    fanout::telemetry::init("info", cfg.log_format);
+    // Spans go to a collector only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let export = TraceExport::from_env("fanout-pipeline");
+    let telemetry = fanout::telemetry::init_with_traces("info", cfg.log_format, export)?;
     let running = server::start_pipeline(&cfg).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-pipeline listening on {}", running.addr);
@@ -27,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         server::shutdown_signal().await;
         stop.cancel();
     });
-    running.wait().await?;
-    Ok(())
+    let served = running.wait().await;
+    telemetry.shutdown(TRACE_FLUSH).await;
+    Ok(served?)
 }

@@ -490,6 +490,7 @@ impl Lease {
             if let Some(token) = &self.balancer.opts.bearer {
                 token.authorize(&mut request);
             }
+            crate::otel::inject_current(request.metadata_mut());
             let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
             grpc.unary(request, path, tonic_prost::ProstCodec::<Req, Resp>::default()).await
         };

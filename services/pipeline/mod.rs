@@ -61,6 +61,7 @@ pub struct PipelineService {
     admission: Arc<Admission>,
     stalled_client_timeout: Duration,
     progress_interval: Duration,
+    trace_attempts_per_run: u64,
 }
 
 impl PipelineService {
@@ -100,6 +101,7 @@ impl PipelineService {
             admission: Arc::new(Admission::new(cfg.max_concurrent_runs, cfg.run_memory_budget)),
             stalled_client_timeout: cfg.stalled_client_timeout,
             progress_interval: cfg.progress_interval,
+            trace_attempts_per_run: cfg.trace.trace_attempts_per_run,
         })
     }
 
@@ -138,6 +140,7 @@ impl proto::pipeline_server::Pipeline for PipelineService {
         &self,
         request: Request<tonic::Streaming<proto::RunInput>>,
     ) -> Result<Response<RunStream>, Status> {
+        let parent = crate::otel::Parent::from_metadata(request.metadata());
         let mut input = request.into_inner();
         let first =
             tokio::time::timeout(self.stalled_client_timeout, input.message()).await.map_err(|_| {
@@ -162,12 +165,13 @@ impl proto::pipeline_server::Pipeline for PipelineService {
         self.balancer.ensure_ready().await?;
         let source =
             input::Source::Stream(input::StreamInput::new(Box::pin(input), self.admission.memory().clone()));
-        Ok(self.start(spec, source, permit))
+        Ok(self.start(spec, source, permit, parent))
     }
 
     async fn run(&self, request: Request<proto::RunRequest>) -> Result<Response<RunStream>, Status> {
         // The request's share of the memory budget (taken while it was
         // decoded) is held until it is converted to its compact form below.
+        let parent = crate::otel::Parent::from_metadata(request.metadata());
         let (_, decoding_budget, request) = request.into_parts();
         let summary_only = request.options.as_ref().is_some_and(|o| o.summary_only);
         let cost = admission::run_cost(request.encoded_len(), request.records.len(), summary_only);
@@ -175,7 +179,7 @@ impl proto::pipeline_server::Pipeline for PipelineService {
         drop(decoding_budget);
         let permit = self.admission.admit(cost)?;
         self.balancer.ensure_ready().await?;
-        Ok(self.start(spec, input::Source::whole(records), permit))
+        Ok(self.start(spec, input::Source::whole(records), permit, parent))
     }
 }
 
@@ -186,6 +190,7 @@ impl PipelineService {
         spec: crate::domain::RunSpec,
         source: input::Source,
         permit: admission::RunPermit,
+        parent: crate::otel::Parent,
     ) -> Response<RunStream> {
         let client_gone = CancellationToken::new();
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -194,6 +199,7 @@ impl PipelineService {
             shutdown: self.cancel_runs.clone(),
             stalled_client_timeout: self.stalled_client_timeout,
             progress_interval: self.progress_interval,
+            tracing: crate::otel::RunTracing { parent, attempts_per_run: self.trace_attempts_per_run },
         };
         let queue = self.balancer.run_queue();
         let processors = self.balancer.endpoints().len();

@@ -33,6 +33,7 @@ use super::wire::{ProcessBatchWire, ProcessRecordWire};
 use crate::convert;
 use crate::domain::{Failure, Outcome, RecordResult, RunEvent, RunProgress, RunRecord, RunSpec, UnitMode};
 use crate::error::Error;
+use crate::otel::RunTrace;
 use crate::proto;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -73,6 +74,7 @@ struct RunCtx {
     /// Cancelled to stop the run early: calls and backoffs give their
     /// records back.
     stop: CancellationToken,
+    trace: Arc<RunTrace>,
 }
 
 /// How a run ends early, and its bounds.
@@ -87,6 +89,8 @@ pub struct RunControl {
     pub stalled_client_timeout: Duration,
     /// How often a `progress` event is sent.
     pub progress_interval: Duration,
+    /// The run's trace parent and attempt-span budget.
+    pub tracing: crate::otel::RunTracing,
 }
 
 /// The most failed records a run of `records` records tolerates: the
@@ -135,8 +139,17 @@ pub async fn execute(
     events: mpsc::Sender<RunEvent>,
     control: RunControl,
 ) {
-    let span = info_span!("run", run_id = %spec.run_id);
-    execute_inner(spec, source, queue, processor_count, backoff, events, control).instrument(span).await
+    let span = info_span!(
+        "run",
+        run_id = %spec.run_id,
+        trace_id = tracing::field::Empty,
+        attempts_untraced = tracing::field::Empty
+    );
+    let trace = Arc::new(RunTrace::start(&span, &control.tracing));
+    execute_inner(spec, source, queue, processor_count, backoff, events, control, trace.clone())
+        .instrument(span)
+        .await;
+    trace.finish();
 }
 
 /// Why sending to the client stopped.
@@ -289,6 +302,7 @@ enum Stop {
     Fault(Error),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn execute_inner(
     spec: RunSpec,
     mut source: Source,
@@ -297,6 +311,7 @@ async fn execute_inner(
     backoff: Backoff,
     events: mpsc::Sender<RunEvent>,
     control: RunControl,
+    trace: Arc<RunTrace>,
 ) {
     let opts = spec.options;
     let mut tally = queue.metrics().run_started();
@@ -320,6 +335,7 @@ async fn execute_inner(
         record_count: source.total().unwrap_or(0),
         processor_count: processor_count as u32,
         started_at: SystemTime::now(),
+        trace_id: trace.trace_id(),
     };
     // Every send to the client also watches for it leaving.
     macro_rules! deliver {
@@ -351,6 +367,7 @@ async fn execute_inner(
         max_batch_size: opts.max_batch_size.max(1),
         attempt_epoch: opts.attempt_log.then_some(epoch),
         stop: CancellationToken::new(),
+        trace,
     });
     let max_in_flight = opts.max_in_flight.max(1);
     // Received records waiting for dispatch: enough to fill every free
@@ -694,6 +711,9 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
         p.last = Some(lease.endpoint().clone());
     }
     let attempt_start = Instant::now();
+    // A span (and a sampled context for the processor) while the run's budget lasts.
+    let traced =
+        ctx.trace.attempt(&batch[0].record.id, batch[0].attempts, batch.len(), &lease.endpoint().addr);
     let mut items: Vec<(Pending, Step)> = if let [p] = batch.as_slice() {
         // One record: the plain call, which every processor serves.
         let req = ProcessRecordWire {
@@ -704,7 +724,7 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
             attempt: p.attempts,
         };
         let step = tokio::select! {
-            r = lease.process(req, ctx.record_timeout) => match r {
+            r = traced.scope(lease.process(req, ctx.record_timeout)) => match r {
                 Ok(resp) => Step::Succeeded(resp),
                 Err(CallError::NotStarted(s)) => Step::NotStarted(s),
                 Err(CallError::Failed(s)) => Step::Failed(s),
@@ -726,7 +746,7 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
         // little later, so the processor's per-record answer wins.
         let timeout = ctx.record_timeout + (ctx.record_timeout / 10).max(Duration::from_secs(1));
         let outcome = tokio::select! {
-            r = lease.process_batch(req, timeout) => Some(r),
+            r = traced.scope(lease.process_batch(req, timeout)) => Some(r),
             _ = ctx.stop.cancelled() => None,
         };
         match outcome {

@@ -31,6 +31,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tonic::transport::Channel;
 
+pub mod otlp;
+
 /// Upper bound on anything a test waits for; only reached when a test fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -293,7 +295,7 @@ impl Collected {
 /// before the first event is returned as `Err`; anything out of shape panics.
 pub async fn run(
     client: &mut PipelineClient<Channel>,
-    req: proto::RunRequest,
+    req: impl tonic::IntoRequest<proto::RunRequest>,
 ) -> Result<Collected, tonic::Status> {
     run_for(client, req, WAIT).await
 }
@@ -301,7 +303,7 @@ pub async fn run(
 /// [`run`] under a bound of `limit` instead of [`WAIT`], for big runs.
 pub async fn run_for(
     client: &mut PipelineClient<Channel>,
-    req: proto::RunRequest,
+    req: impl tonic::IntoRequest<proto::RunRequest>,
     limit: Duration,
 ) -> Result<Collected, tonic::Status> {
     tokio::time::timeout(limit, run_inner(client, req)).await.expect("run timed out")
@@ -309,7 +311,7 @@ pub async fn run_for(
 
 async fn run_inner(
     client: &mut PipelineClient<Channel>,
-    req: proto::RunRequest,
+    req: impl tonic::IntoRequest<proto::RunRequest>,
 ) -> Result<Collected, tonic::Status> {
     let mut stream = client.run(req).await?.into_inner();
     let first = stream.message().await?.expect("stream ended before any event");
@@ -784,8 +786,21 @@ impl Server {
 
     /// [`Server::start`] with `RUST_LOG=rust_log` and stderr to `stderr`.
     pub fn start_logging(exe: &str, name: &str, args: &[&str], rust_log: &str, stderr: Stdio) -> Self {
+        Self::start_with_env(exe, name, args, &[], rust_log, stderr)
+    }
+
+    /// [`Server::start_logging`] with these environment variables too.
+    pub fn start_with_env(
+        exe: &str,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        rust_log: &str,
+        stderr: Stdio,
+    ) -> Self {
         let child = Command::new(exe)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
