@@ -131,6 +131,8 @@ struct RunArgs {
     #[arg(long, default_value = "{}")]
     params: String,
     #[command(flatten)]
+    tls: fanout::tls::ClientTlsArgs,
+    #[command(flatten)]
     settings: RunSettings,
 }
 
@@ -193,7 +195,7 @@ async fn run(args: RunArgs) -> Result<i32> {
         serde_json::from_str(&args.params).context("--params must be a JSON object")?;
     // Opened first, so a missing file is reported before any connection.
     let reader = input::open(&args.input)?;
-    let mut client = session::connect(&args.pipeline).await?;
+    let mut client = session::connect_tls(&args.pipeline, &args.tls).await?;
     let batches = input::read_batches(reader, input::BatchLimits::default());
     let header = args.settings.header(params);
     let (progress, output) = (!args.settings.quiet, args.settings.output.as_deref());

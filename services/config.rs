@@ -70,6 +70,9 @@ pub struct ProcessorConfig {
     /// Client connection limits and timeouts.
     #[command(flatten)]
     pub connections: ConnectionLimits,
+    /// TLS (and mTLS) for clients.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -190,6 +193,12 @@ pub struct PipelineConfig {
     /// Client connection limits and timeouts.
     #[command(flatten)]
     pub connections: ConnectionLimits,
+    /// TLS (and mTLS) for clients.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// TLS to processors.
+    #[command(flatten)]
+    pub processor_tls: crate::tls::ProcessorTlsArgs,
     /// On SIGINT/SIGTERM, how long runs may take to finish before they are
     /// cancelled (and report CANCELLED).
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

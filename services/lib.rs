@@ -35,6 +35,8 @@
 //! - [`listener`]: accepting connections (back-off when out of descriptors),
 //!   handshake and idle timeouts, open calls counted per connection.
 //! - [`telemetry`]: tracing subscriber set-up for the binaries.
+//! - [`tls`]: TLS and mTLS on both hops: servers (certificates reloaded
+//!   without a restart), the pipeline's processor connections, clients.
 
 #![warn(missing_docs)]
 
@@ -50,6 +52,7 @@ pub mod processor;
 pub mod proto;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod workload;
 
 pub use error::Error;

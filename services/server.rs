@@ -18,6 +18,7 @@ use crate::pipeline::balancer::{Balancer, PROCESSOR_SERVICE};
 use crate::pipeline::discovery::{Resolve, SystemResolver};
 use crate::processor::{Description, ProcessorService};
 use crate::proto;
+use crate::tls::{ServerIncoming, ServerTls};
 use crate::workload::Workload;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct Running {
     task: JoinHandle<Result<(), Error>>,
     /// A pipeline's run admission (None for a processor).
     admission: Option<Arc<Admission>>,
+    /// The live TLS config, when serving TLS.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Running {
@@ -63,9 +66,15 @@ impl Running {
         self.stop.clone()
     }
 
-    /// `http://ADDR`, for clients.
+    /// `http://ADDR`, or `https://ADDR` when serving TLS, for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The live TLS config (reload it, follow its reloads), when serving TLS.
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.tls.as_ref()
     }
 
     /// Starts graceful shutdown and waits for it to finish.
@@ -102,6 +111,7 @@ pub async fn start_processor<W: Workload>(
     workload: W,
 ) -> Result<(Running, Arc<EngineStats>), Error> {
     cfg.validate()?;
+    let tls = cfg.tls.load()?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let engine = Arc::new(
@@ -145,6 +155,7 @@ pub async fn start_processor<W: Workload>(
         PROCESSOR_SERVICE,
         cfg.drain_timeout,
         None,
+        tls,
     );
     let stop = running.stop_token();
     tokio::spawn(async move {
@@ -166,6 +177,7 @@ pub async fn start_pipeline_with_resolver(
     resolver: Arc<dyn Resolve>,
 ) -> Result<Running, Error> {
     cfg.validate()?;
+    let tls = cfg.tls.load()?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let cancel_runs = CancellationToken::new();
@@ -191,6 +203,7 @@ pub async fn start_pipeline_with_resolver(
         PIPELINE_SERVICE,
         cfg.drain_timeout,
         Some(cancel_runs),
+        tls,
     );
     running.admission = Some(admission);
     follow_processors(balancer, reporter, running.stop_token());
@@ -335,6 +348,7 @@ fn spawn(
     service: &'static str,
     drain: Duration,
     cancel_rest: Option<CancellationToken>,
+    tls: Option<Arc<ServerTls>>,
 ) -> Running {
     let stop = CancellationToken::new();
     let sever = CancellationToken::new();
@@ -347,7 +361,11 @@ fn spawn(
     const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
     // Never errors nor spins (backs off when out of descriptors); closes
     // connections without a handshake or idle past their timeouts.
-    let incoming = Incoming::new(listener, &sever, connections);
+    let incoming =
+        ServerIncoming::new(Incoming::new(listener, &sever, connections), tls.clone(), connections);
+    if let Some(tls) = &tls {
+        tls.spawn_watcher(stop.clone());
+    }
     // Unless given, tonic replaces hyper's per-connection stream limit (200)
     // and local-reset limit (1024, against "MadeYouReset" floods) with no
     // limit at all; h2's bound on streams reset before accept (20, against
@@ -410,7 +428,29 @@ fn spawn(
         closing.cancel();
         Ok(())
     });
-    Running { addr, stop, sever, task, admission: None }
+    Running { addr, stop, sever, task, admission: None, tls }
+}
+
+/// Reloads `running`'s TLS files on every SIGHUP (Unix; nothing when not
+/// serving TLS), until the process ends.
+pub fn reload_tls_on_sighup(running: &Running) {
+    #[cfg(unix)]
+    if let Some(tls) = running.tls().cloned() {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        info!("SIGHUP: reloading TLS certificates");
+                        let _ = tls.reload();
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "cannot listen for SIGHUP; TLS files are still polled"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = running;
 }
 
 /// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix).

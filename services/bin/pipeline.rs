@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let running = server::start_pipeline(&cfg).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-pipeline listening on {}", running.addr);
+    server::reload_tls_on_sighup(&running);
     let stop = running.stop_token();
     tokio::spawn(async move {
         server::shutdown_signal().await;

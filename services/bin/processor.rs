@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
     let (running, _stats) = server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?;
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-processor listening on {}", running.addr);
+    server::reload_tls_on_sighup(&running);
     let stop = running.stop_token();
     tokio::spawn(async move {
         server::shutdown_signal().await;

@@ -80,6 +80,7 @@ impl PipelineService {
             connect_timeout: cfg.connect_timeout,
             health_interval: cfg.health_interval,
             http2_keepalive: cfg.http2_keepalive_interval,
+            tls: cfg.processor_tls.load(&cfg.processors, cfg.connect_timeout)?,
         };
         let balancer = Arc::new(Balancer::with_resolver(&cfg.processors, opts, resolver)?);
         balancer.spawn_resolver(cfg.resolve_interval, cancel_runs.clone());

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use fanout::config::{PipelineConfig, ProcessorConfig};
 use fanout::domain::{JsonMap, Record};
 use fanout::engine::EngineStats;
