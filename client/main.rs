@@ -12,6 +12,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod certs;
 mod input;
 mod load;
 mod procs;
@@ -59,7 +60,7 @@ enum Command {
     Load(load::LoadArgs),
     /// Serve a pipeline in this process (the bench's child process).
     #[command(hide = true)]
-    ServePipeline(PipelineConfig),
+    ServePipeline(Box<PipelineConfig>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -152,6 +153,10 @@ struct DemoArgs {
     /// Print the whole JSON report instead of the summary table.
     #[arg(long)]
     json: bool,
+    /// TLS and mTLS on both hops, with a throwaway CA and certificates made
+    /// for this demo (removed at the end).
+    #[arg(long)]
+    tls: bool,
     #[command(flatten)]
     settings: RunSettings,
 }
@@ -205,14 +210,22 @@ async fn run(args: RunArgs) -> Result<i32> {
 }
 
 async fn demo(args: DemoArgs) -> Result<i32> {
+    let certs = args.tls.then(certs::Throwaway::new).transpose()?;
     let mut processors = Vec::new();
     for _ in 0..args.processors.max(1) {
-        let cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
+        let mut cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
+        if let Some(c) = &certs {
+            c.processor(&mut cfg);
+        }
         processors.push(server::start_processor(&cfg, Digest::with_max_rounds(cfg.max_rounds)).await?.0);
     }
     let urls: Vec<String> = processors.iter().map(|p| p.url()).collect();
     let mut cfg = PipelineConfig::new(urls.clone());
     cfg.listen = "127.0.0.1:0".into();
+    if let Some(c) = &certs {
+        c.pipeline(&mut cfg);
+        eprintln!("demo: mTLS on both hops, throwaway CA and certificates in {}", c.dir().display());
+    }
     let pipeline = server::start_pipeline(&cfg).await?;
     eprintln!(
         "demo: pipeline on {}, processors on {}; {} records, rounds = {}",
@@ -227,7 +240,8 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     let header = args.settings.header(params);
     let (progress, output) = (!args.settings.quiet, args.settings.output.as_deref());
     let report = async {
-        let mut client = session::connect(&pipeline.url()).await?;
+        let tls = certs.as_ref().map(certs::Throwaway::client).unwrap_or_default();
+        let mut client = session::connect_tls(&pipeline.url(), &tls).await?;
         session::run_stream(&mut client, header, batches, progress, output).await
     }
     .await;

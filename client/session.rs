@@ -134,7 +134,18 @@ pub async fn run_stream(
             {
                 return Err(cancelled(error, sent, 0));
             }
-            bail!("RunStream failed: {}: {}", code_name(s.code()), s.message());
+            // A refused TLS session (mTLS) shows up here, not at connect.
+            let message = match fanout::tls::connect_error_reason(&s) {
+                Some(why) => why,
+                // With TLS 1.3 a refused client certificate may also just
+                // close the connection under the first call.
+                None if std::error::Error::source(&s).is_some() => format!(
+                    "{} (the connection closed; if the pipeline requires a client certificate, check --cert and --key)",
+                    s.message()
+                ),
+                None => s.message().to_owned(),
+            };
+            bail!("RunStream failed: {}: {message}", code_name(s.code()));
         }
     };
     let bar = progress_bar(None, progress);

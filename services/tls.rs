@@ -516,10 +516,10 @@ impl AsyncRead for ServerConn {
             ServerConn::Tls(c) => {
                 let before = buf.filled().len();
                 let read = Pin::new(&mut c.io).poll_read(cx, buf);
-                if let (Poll::Ready(Ok(())), Some(p)) = (&read, c.preface.as_mut()) {
-                    if p.feed(&buf.filled()[before..]) {
-                        c.preface = None;
-                    }
+                if let (Poll::Ready(Ok(())), Some(p)) = (&read, c.preface.as_mut())
+                    && p.feed(&buf.filled()[before..])
+                {
+                    c.preface = None;
                 }
                 read
             }
@@ -761,8 +761,9 @@ pub fn connect_error_reason(err: &(dyn std::error::Error + 'static)) -> Option<S
         let text = e.to_string();
         // rustls reports an alert received after the handshake (TLS 1.3:
         // the server judges the client's certificate then) as text.
-        if let Some(alert) = text.split("received fatal alert: ").nth(1) {
-            return Some(refused(alert));
+        if let Some(rest) = text.split("received fatal alert: ").nth(1) {
+            let alert: String = rest.chars().take_while(char::is_ascii_alphanumeric).collect();
+            return Some(refused(&alert));
         }
         if text.contains("HTTP/2 was not negotiated") {
             return Some("TLS: the server did not negotiate HTTP/2 (ALPN h2)".into());
