@@ -804,3 +804,60 @@ fn describe_rustls(e: &rustls::Error) -> String {
 pub fn status_reason(status: &tonic::Status) -> String {
     connect_error_reason(status).unwrap_or_else(|| format!("{:?}: {}", status.code(), status.message()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_flags_go_together_and_errors_name_the_file() {
+        assert!(TlsArgs::default().load().unwrap().is_none());
+        let cert_only = TlsArgs { tls_cert: Some("c.pem".into()), ..TlsArgs::default() };
+        assert!(cert_only.load().unwrap_err().to_string().contains("--tls-cert and --tls-key"));
+        let ca_only = TlsArgs { tls_client_ca: Some("ca.pem".into()), ..TlsArgs::default() };
+        assert!(ca_only.load().unwrap_err().to_string().contains("--tls-client-ca needs"));
+        let err = TlsArgs::with_cert("/nonexistent/c.pem", "/nonexistent/k.pem").load().unwrap_err().to_string();
+        assert!(err.contains("--tls-cert /nonexistent/c.pem"), "{err}");
+    }
+
+    #[test]
+    fn processor_tls_is_on_when_asked_and_refuses_plaintext_entries() {
+        let t = Duration::from_secs(1);
+        let off = ProcessorTlsArgs::default();
+        assert!(off.load(&["http://p:1".into()], t).unwrap().is_none());
+        assert!(off.enabled(&["https://p:1".into()]) && !off.enabled(&["dns:///p:1".into()]));
+        let on = ProcessorTlsArgs { processor_tls: true, ..Default::default() };
+        assert!(on.load(&["dns:///p:1".into()], t).unwrap().is_some());
+        let err = on.load(&["dns:///q:1".into(), "http://p:1".into()], t).unwrap_err().to_string();
+        assert!(err.contains("http://p:1") && err.contains("plaintext"), "{err}");
+        let half = ProcessorTlsArgs { processor_cert: Some("c.pem".into()), ..Default::default() };
+        let err = half.load(&["p:1".into()], t).unwrap_err().to_string();
+        assert!(err.contains("--processor-cert and --processor-key go together"), "{err}");
+    }
+
+    #[test]
+    fn client_urls_switch_to_https_with_tls_flags() {
+        let none = ClientTlsArgs::default();
+        let (url, tls) = none.for_url("127.0.0.1:1").unwrap();
+        assert_eq!((url.as_str(), tls.is_none()), ("http://127.0.0.1:1", true));
+        let (url, tls) = none.for_url("https://h:1").unwrap();
+        assert_eq!((url.as_str(), tls.is_some()), ("https://h:1", true));
+        let ca = ClientTlsArgs { ca_cert: Some("/nonexistent/ca.pem".into()), ..Default::default() };
+        let err = ca.for_url("h:1").unwrap_err().to_string();
+        assert!(err.contains("--ca-cert /nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn tls_failures_are_put_in_words() {
+        let unknown = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let e = io::Error::new(io::ErrorKind::InvalidData, unknown);
+        assert_eq!(
+            connect_error_reason(&e).as_deref(),
+            Some("TLS handshake failed: certificate verify failed: UnknownIssuer")
+        );
+        let e = io::Error::new(io::ErrorKind::InvalidData, "received fatal alert: CertificateRequired");
+        let why = connect_error_reason(&e).unwrap();
+        assert!(why.contains("refused the handshake (alert CertificateRequired;"), "{why}");
+        assert_eq!(connect_error_reason(&io::Error::other("connection refused")), None);
+    }
+}

@@ -303,7 +303,7 @@ async fn stalled_handshakes_time_out_without_blocking_others() {
     let ca = Ca::new("fanout test CA");
     let mut cfg: ProcessorConfig = processor_config();
     cfg.tls = server_tls(&dir, "p", &ca.server(1), None);
-    cfg.connections.handshake_timeout = Duration::from_millis(500);
+    cfg.connections.handshake_timeout = Duration::from_secs(2);
     let p = start_processor_with(&cfg, Digest::default()).await;
 
     // Silent clients, and one that sends the start of a TLS record only.
@@ -320,7 +320,7 @@ async fn stalled_handshakes_time_out_without_blocking_others() {
     let ch = Channel::from_shared(p.url.clone()).unwrap().tls_config(client_tls(&ca, None)).unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.connect().await.expect("connect"));
     health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("served");
-    assert!(t.elapsed() < Duration::from_millis(500), "served before the stalled ones timed out");
+    assert!(t.elapsed() < Duration::from_secs(2), "served before the stalled ones timed out");
     // Each stalled connection is closed by the server (EOF, or reset).
     for mut s in stalled {
         let mut buf = [0u8; 64];
@@ -335,5 +335,5 @@ async fn stalled_handshakes_time_out_without_blocking_others() {
         .await;
         assert!(closed.is_ok(), "a stalled handshake is closed");
     }
-    assert!(t.elapsed() >= Duration::from_millis(400), "closed at the handshake timeout, not before");
+    assert!(t.elapsed() >= Duration::from_millis(1900), "closed at the handshake timeout, not before");
 }
