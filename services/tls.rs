@@ -816,7 +816,8 @@ mod tests {
         assert!(cert_only.load().unwrap_err().to_string().contains("--tls-cert and --tls-key"));
         let ca_only = TlsArgs { tls_client_ca: Some("ca.pem".into()), ..TlsArgs::default() };
         assert!(ca_only.load().unwrap_err().to_string().contains("--tls-client-ca needs"));
-        let err = TlsArgs::with_cert("/nonexistent/c.pem", "/nonexistent/k.pem").load().unwrap_err().to_string();
+        let err =
+            TlsArgs::with_cert("/nonexistent/c.pem", "/nonexistent/k.pem").load().unwrap_err().to_string();
         assert!(err.contains("--tls-cert /nonexistent/c.pem"), "{err}");
     }
 
