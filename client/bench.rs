@@ -22,6 +22,9 @@
 //! - tracing: the overhead run through a pipeline and a processor in child
 //!   processes, untraced vs exporting spans to a local OTLP sink at the
 //!   default sampling: what tracing costs.
+//! - tls: the overhead scenario's records through one processor with TLS on
+//!   both hops (mTLS to the processor, throwaway certificates), vs the same
+//!   stack in plaintext, measured in turns: what encryption costs.
 
 use crate::input::generated_records;
 use crate::procs::{KillOnDrop, Proc, cpu_seconds, peak_rss_mib};
@@ -75,6 +78,9 @@ pub enum Scenario {
     /// The overhead run with spans exported over OTLP (default sampling) vs
     /// the same run untraced.
     Tracing,
+    /// The overhead scenario's records with TLS on both hops (mTLS to the
+    /// processor) vs plaintext, measured in turns.
+    Tls,
 }
 
 /// Flags of `fanout bench`.
@@ -256,6 +262,7 @@ pub async fn bench(args: BenchArgs) -> Result<i32> {
             Scenario::Stream => stream(&args, &mut table).await?,
             Scenario::Metrics => metrics(&args, &mut table).await?,
             Scenario::Tracing => tracing_cost(&args, &mut table).await?,
+            Scenario::Tls => tls(&args, &mut table).await?,
         }
     }
     println!();
@@ -675,6 +682,63 @@ async fn metrics(args: &BenchArgs, table: &mut Table) -> Result<()> {
         "records/s",
         &mut ratios,
         |r| Some((">= 0.97".to_owned(), r >= 0.97)),
+    );
+    Ok(())
+}
+
+// -------------------------------------------------------------------- tls
+
+/// The overhead scenario's 1-unit, 0-round records through a pipeline and
+/// one digest processor, plaintext and then TLS on both hops (the client
+/// and the pipeline presenting certificates: mTLS everywhere), each TLS
+/// run paired with the plaintext run just before it.
+async fn tls(args: &BenchArgs, table: &mut Table) -> Result<()> {
+    let n = args.overhead_records;
+    let c = args.concurrency;
+    let certs = crate::certs::Throwaway::new()?;
+    let mut plain = Stack::start(1).await?;
+    let mut secure = {
+        let mut cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
+        certs.processor(&mut cfg);
+        let processors = vec![server::start_processor(&cfg, Digest::default()).await?.0];
+        let mut cfg = PipelineConfig::new(processors.iter().map(Running::url));
+        cfg.listen = "127.0.0.1:0".into();
+        cfg.limits.max_records = usize::MAX;
+        certs.pipeline(&mut cfg);
+        let pipeline = server::start_pipeline(&cfg).await?;
+        let client = session::connect_tls(&pipeline.url(), &certs.client()).await?;
+        Stack { processors, pipeline, client }
+    };
+    for stack in [&mut plain, &mut secure] {
+        timed_run(&mut stack.client, request(one_unit_records(1_000), 0, proto::UnitMode::Parallel, c, true))
+            .await?; // warm-up (and the TLS handshakes)
+    }
+    let (mut plains, mut tlss, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.repeat.max(1) {
+        let rate = |wall: Duration| n as f64 / wall.as_secs_f64();
+        let req = || request(one_unit_records(n), 0, proto::UnitMode::Parallel, c, true);
+        let p = rate(timed_run(&mut plain.client, req()).await?.1);
+        let t = rate(timed_run(&mut secure.client, req()).await?.1);
+        plains.push(p);
+        tlss.push(t);
+        ratios.push(t / p);
+    }
+    plain.stop().await?;
+    secure.stop().await?;
+    table.compare(
+        "tls",
+        format!("fanout, 1 processor, mTLS both hops, {c} in flight"),
+        median(&mut tlss),
+        median(&mut plains),
+        "records/s",
+        &mut ratios,
+        |_| None,
+    );
+    table.add(
+        "tls",
+        format!("baseline: the same in plaintext, {c} in flight"),
+        median(&mut plains),
+        "records/s",
     );
     Ok(())
 }

@@ -12,6 +12,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod certs;
 mod flaky;
 mod input;
 mod load;
@@ -62,10 +63,10 @@ enum Command {
     Load(load::LoadArgs),
     /// Serve a pipeline in this process (the bench's child process).
     #[command(hide = true)]
-    ServePipeline(PipelineConfig),
+    ServePipeline(Box<PipelineConfig>),
     /// Serve a digest processor in this process (the bench's child process).
     #[command(hide = true)]
-    ServeProcessor(ProcessorConfig),
+    ServeProcessor(Box<ProcessorConfig>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -150,6 +151,8 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
+    tls: fanout::tls::ClientTlsArgs,
+    #[command(flatten)]
     settings: RunSettings,
 }
 
@@ -179,6 +182,10 @@ struct DemoArgs {
     /// failures, e.g. in a --timeline.
     #[arg(long, value_name = "PERCENT", default_value_t = 0.0, value_parser = flaky::parse_percent)]
     flaky: f64,
+    /// TLS and mTLS on both hops, with a throwaway CA and certificates made
+    /// for this demo (removed at the end).
+    #[arg(long)]
+    tls: bool,
     #[command(flatten)]
     settings: RunSettings,
 }
@@ -238,7 +245,7 @@ async fn run(args: RunArgs, exporting: bool) -> Result<i32> {
     // Opened first, so a missing file is reported before any connection.
     let reader = input::open(&args.input)?;
     let token = bearer_token(args.token_file.as_deref())?;
-    let mut client = session::connect(&args.pipeline).await?;
+    let mut client = session::connect_tls(&args.pipeline, &args.tls).await?;
     let batches = input::read_batches(reader, input::BatchLimits::default());
     let header = args.settings.header(params);
     let (progress, output) = (!args.settings.quiet, args.settings.output.as_deref());
@@ -278,10 +285,14 @@ fn bearer_token(file: Option<&std::path::Path>) -> Result<Option<tonic::metadata
 
 async fn demo(args: DemoArgs) -> Result<i32> {
     let token = args.token_file.as_deref().map(fanout::auth::read_first_token).transpose()?;
+    let certs = args.tls.then(certs::Throwaway::new).transpose()?;
     let mut processors = Vec::new();
     for _ in 0..args.processors.max(1) {
         let mut cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
         cfg.access.auth_token_file = args.token_file.clone();
+        if let Some(c) = &certs {
+            c.processor(&mut cfg);
+        }
         let workload = flaky::Flaky::new(Digest::with_max_rounds(cfg.max_rounds), args.flaky);
         processors.push(server::start_processor(&cfg, workload).await?.0);
     }
@@ -290,6 +301,10 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     cfg.listen = "127.0.0.1:0".into();
     cfg.access.auth_token_file = args.token_file.clone();
     cfg.processor_token.processor_token_file = args.token_file.clone();
+    if let Some(c) = &certs {
+        c.pipeline(&mut cfg);
+        eprintln!("demo: mTLS on both hops, throwaway CA and certificates in {}", c.dir().display());
+    }
     let pipeline = server::start_pipeline(&cfg).await?;
     eprintln!(
         "demo: pipeline on {}, processors on {}; {} records, rounds = {}",
@@ -305,7 +320,8 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     let (progress, output) = (!args.settings.quiet, args.settings.output.as_deref());
     let mut timeline = args.settings.timeline.as_ref().map(|_| timeline::Recorder::new());
     let report = async {
-        let mut client = session::connect(&pipeline.url()).await?;
+        let tls = certs.as_ref().map(certs::Throwaway::client).unwrap_or_default();
+        let mut client = session::connect_tls(&pipeline.url(), &tls).await?;
         session::run_stream(&mut client, header, batches, progress, output, token.as_ref(), timeline.as_mut())
             .await
     }

@@ -19,11 +19,21 @@ const STREAM_WINDOW: u32 = 512 << 10;
 /// Receive window of the whole connection (see `connect`).
 const CONNECTION_WINDOW: u32 = 32 << 20;
 
-/// Connects to a pipeline at `url` (`http://host:port` or `host:port`).
+/// Connects to a pipeline at `url` (`http://host:port`, `https://host:port`
+/// or `host:port`).
 pub async fn connect(url: &str) -> Result<PipelineClient<Channel>> {
-    let url = fanout::pipeline::balancer::normalize_url(url);
-    let channel = Channel::from_shared(url.clone())
-        .with_context(|| format!("pipeline URL {url:?}"))?
+    connect_tls(url, &fanout::tls::ClientTlsArgs::default()).await
+}
+
+/// [`connect`] with TLS settings: https when any is given or the URL is
+/// `https://` (see [`fanout::tls::ClientTlsArgs::for_url`]).
+pub async fn connect_tls(url: &str, tls: &fanout::tls::ClientTlsArgs) -> Result<PipelineClient<Channel>> {
+    let (url, tls) = tls.for_url(url)?;
+    let mut endpoint = Channel::from_shared(url.clone()).with_context(|| format!("pipeline URL {url:?}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).with_context(|| format!("TLS settings for {url}"))?;
+    }
+    let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(5))
         // h2 ends a connection (GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames")
         // whose unread small DATA frames cost more than half its connection
@@ -37,7 +47,10 @@ pub async fn connect(url: &str) -> Result<PipelineClient<Channel>> {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .connect()
         .await
-        .with_context(|| format!("connecting to the pipeline at {url}"))?;
+        .map_err(|e| match fanout::tls::connect_error_reason(&e) {
+            Some(why) => anyhow!("connecting to the pipeline at {url}: {why}"),
+            None => anyhow::Error::new(e).context(format!("connecting to the pipeline at {url}")),
+        })?;
     Ok(PipelineClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
@@ -132,7 +145,18 @@ pub async fn run_stream(
             {
                 return Err(cancelled(error, sent, 0));
             }
-            bail!("RunStream failed: {}: {}", code_name(s.code()), s.message());
+            // A refused TLS session (mTLS) shows up here, not at connect.
+            let message = match fanout::tls::connect_error_reason(&s) {
+                Some(why) => why,
+                // With TLS 1.3 a refused client certificate may also just
+                // close the connection under the first call.
+                None if std::error::Error::source(&s).is_some() => format!(
+                    "{} (the connection closed; if the pipeline requires a client certificate, check --cert and --key)",
+                    s.message()
+                ),
+                None => s.message().to_owned(),
+            };
+            bail!("RunStream failed: {}: {message}", code_name(s.code()));
         }
     };
     let bar = progress_bar(None, progress);

@@ -73,6 +73,9 @@ pub struct ProcessorConfig {
     /// Bearer tokens and reflection.
     #[command(flatten)]
     pub access: crate::auth::AccessArgs,
+    /// TLS (and mTLS) for clients.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -205,6 +208,12 @@ pub struct PipelineConfig {
     /// Distributed tracing.
     #[command(flatten)]
     pub trace: crate::otel::TraceArgs,
+    /// TLS (and mTLS) for clients.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// TLS to processors.
+    #[command(flatten)]
+    pub processor_tls: crate::tls::ProcessorTlsArgs,
     /// On SIGINT/SIGTERM, how long runs may take to finish before they are
     /// cancelled (and report CANCELLED).
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

@@ -41,6 +41,8 @@
 //!   listener.
 //! - [`otel`]: trace context across client, pipeline and processor
 //!   (W3C `traceparent`), and the per-run bound on attempt spans.
+//! - [`tls`]: TLS and mTLS on both hops: servers (certificates reloaded
+//!   without a restart), the pipeline's processor connections, clients.
 
 #![warn(missing_docs)]
 
@@ -59,6 +61,7 @@ pub mod processor;
 pub mod proto;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod workload;
 
 pub use error::Error;

@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFutureOwned};
 use tonic::codegen::http::{Request, Response};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tracing::{debug, warn};
 
 /// First delay after an accept error that is not about one connection.
@@ -236,8 +236,11 @@ impl Drop for CallGuard {
 /// [`TcpConnectInfo`] there, so `Request::remote_addr` keeps working.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    tcp: TcpConnectInfo,
+    pub(crate) tcp: TcpConnectInfo,
     state: Arc<ConnState>,
+    /// The TLS session's peer certificates, on a TLS connection (see
+    /// [`tls`](crate::tls)); inserted in each request so `peer_certs` works.
+    pub(crate) tls: Option<TlsConnectInfo<TcpConnectInfo>>,
 }
 
 // ------------------------------------------------------------ connection
@@ -273,6 +276,26 @@ impl Handshake {
             }
         }
         self.seen >= self.need
+    }
+}
+
+/// Counts the HTTP/2 preface and first frame read through a layer above
+/// the connection (see [`Severable::take_preface_check`]).
+#[derive(Debug)]
+pub(crate) struct PrefaceCheck {
+    handshake: Handshake,
+    state: Arc<ConnState>,
+}
+
+impl PrefaceCheck {
+    /// Takes bytes just read; true once the preface and first frame are in
+    /// (the watchdog then stops timing the handshake).
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> bool {
+        let done = self.handshake.feed(bytes);
+        if done {
+            self.state.handshaken.store(true, Ordering::Release);
+        }
+        done
     }
 }
 
@@ -330,6 +353,27 @@ impl Severable {
             state,
             _watchdog: token.drop_guard(),
         }
+    }
+
+    /// Hands the HTTP/2 preface check to the layer above (TLS): this
+    /// stream no longer counts the bytes it reads (they are TLS records);
+    /// the [`PrefaceCheck`] counts the decrypted ones. `None` when the
+    /// handshake is not timed. The watchdog's deadline stays, so the TLS
+    /// handshake and the preface together must fit in the timeout.
+    pub(crate) fn take_preface_check(&mut self) -> Option<PrefaceCheck> {
+        let handshake = self.handshake.take()?;
+        Some(PrefaceCheck { handshake, state: self.state.clone() })
+    }
+
+    /// Peeks at the first bytes received, without taking them; fails once
+    /// severed.
+    pub(crate) fn poll_peek(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        self.io.poll_peek(cx, buf)
     }
 
     /// An error once severed; otherwise arranges a wake-up for when it is.
@@ -439,7 +483,7 @@ impl Connected for Severable {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
-        ConnInfo { tcp: self.io.connect_info(), state: self.state.clone() }
+        ConnInfo { tcp: self.io.connect_info(), state: self.state.clone(), tls: None }
     }
 }
 
@@ -482,8 +526,11 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let guard = match req.extensions().get::<ConnInfo>() {
             Some(info) => {
-                let (tcp, guard) = (info.tcp.clone(), info.state.call_started());
+                let (tcp, tls, guard) = (info.tcp.clone(), info.tls.clone(), info.state.call_started());
                 req.extensions_mut().insert(tcp);
+                if let Some(tls) = tls {
+                    req.extensions_mut().insert(tls);
+                }
                 Some(guard)
             }
             None => None,

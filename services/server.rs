@@ -21,6 +21,7 @@ use crate::pipeline::balancer::{Balancer, PROCESSOR_SERVICE};
 use crate::pipeline::discovery::{Resolve, SystemResolver};
 use crate::processor::{Description, ProcessorService};
 use crate::proto;
+use crate::tls::{ServerIncoming, ServerTls};
 use crate::workload::Workload;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     /// Stops the metrics listener when the server is done with.
     _metrics_stop: Option<tokio_util::sync::DropGuard>,
+    /// The live TLS config, when serving TLS.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Running {
@@ -85,9 +88,15 @@ impl Running {
         self.stop.clone()
     }
 
-    /// `http://ADDR`, for clients.
+    /// `http://ADDR`, or `https://ADDR` when serving TLS, for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The live TLS config (reload it, follow its reloads), when serving TLS.
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.tls.as_ref()
     }
 
     /// Starts graceful shutdown and waits for it to finish.
@@ -126,6 +135,7 @@ pub async fn start_processor<W: Workload>(
     cfg.validate()?;
     let auth = cfg.access.auth_token_file.as_deref().map(TokenFile::open).transpose()?;
     let metrics_listener = cfg.metrics.bind().await?;
+    let tls = cfg.tls.load()?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let engine = Arc::new(
@@ -182,6 +192,7 @@ pub async fn start_processor<W: Workload>(
         cfg.drain_timeout,
         None,
         grpc_metrics,
+        tls,
     );
     running.auth = auth;
     serve_metrics(&mut running, metrics_listener.zip(registry))?;
@@ -207,6 +218,7 @@ pub async fn start_pipeline_with_resolver(
     cfg.validate()?;
     let auth = cfg.access.auth_token_file.as_deref().map(TokenFile::open).transpose()?;
     let metrics_listener = cfg.metrics.bind().await?;
+    let tls = cfg.tls.load()?;
     let listener = bind(&cfg.listen).await?;
     let addr = local_addr(&listener)?;
     let cancel_runs = CancellationToken::new();
@@ -239,6 +251,7 @@ pub async fn start_pipeline_with_resolver(
         cfg.drain_timeout,
         Some(cancel_runs),
         grpc_metrics,
+        tls,
     );
     running.admission = Some(admission);
     running.auth = auth;
@@ -406,6 +419,7 @@ fn spawn(
     drain: Duration,
     cancel_rest: Option<CancellationToken>,
     grpc_metrics: Option<Arc<crate::metrics::GrpcMetrics>>,
+    tls: Option<Arc<ServerTls>>,
 ) -> Running {
     let stop = CancellationToken::new();
     let sever = CancellationToken::new();
@@ -418,7 +432,11 @@ fn spawn(
     const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
     // Never errors nor spins (backs off when out of descriptors); closes
     // connections without a handshake or idle past their timeouts.
-    let incoming = Incoming::new(listener, &sever, connections);
+    let incoming =
+        ServerIncoming::new(Incoming::new(listener, &sever, connections), tls.clone(), connections);
+    if let Some(tls) = &tls {
+        tls.spawn_watcher(stop.clone());
+    }
     // Unless given, tonic replaces hyper's per-connection stream limit (200)
     // and local-reset limit (1024, against "MadeYouReset" floods) with no
     // limit at all; h2's bound on streams reset before accept (20, against
@@ -492,7 +510,30 @@ fn spawn(
         processor_token: None,
         metrics_addr: None,
         _metrics_stop: None,
+        tls,
     }
+}
+
+/// Reloads `running`'s TLS files on every SIGHUP (Unix; nothing when not
+/// serving TLS), until the process ends.
+pub fn reload_tls_on_sighup(running: &Running) {
+    #[cfg(unix)]
+    if let Some(tls) = running.tls().cloned() {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        info!("SIGHUP: reloading TLS certificates");
+                        let _ = tls.reload();
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "cannot listen for SIGHUP; TLS files are still polled"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = running;
 }
 
 /// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix).

@@ -169,10 +169,12 @@ async fn ids_that_could_forge_logs_and_out_of_range_values_are_invalid() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_https_processor_url_is_refused_at_startup() {
-    let cfg = pipeline_config(&["https://127.0.0.1:1".to_owned()]);
+async fn an_http_processor_url_beside_an_https_one_is_refused_at_startup() {
+    // https:// turns TLS to processors on; plaintext beside it would be a
+    // silent downgrade (see tests/tls.rs for TLS itself).
+    let cfg = pipeline_config(&["https://127.0.0.1:1".to_owned(), "http://127.0.0.1:2".to_owned()]);
     let err = fanout::server::start_pipeline(&cfg).await.unwrap_err();
-    assert!(err.to_string().contains("https://127.0.0.1:1") && err.to_string().contains("TLS"), "{err}");
+    assert!(err.to_string().contains("http://127.0.0.1:2") && err.to_string().contains("TLS"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

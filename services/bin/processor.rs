@@ -30,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
         // A reader may have closed stdout after the line above: not an error.
         let _ = writeln!(std::io::stdout(), "fanout-processor metrics on {at}");
     }
+    server::reload_tls_on_sighup(&running);
     let stop = running.stop_token();
     tokio::spawn(async move {
         server::shutdown_signal().await;

@@ -85,6 +85,8 @@ pub struct ConnectOptions {
     pub http2_keepalive: Option<Duration>,
     /// The bearer token sent on every call (`--processor-token-file`).
     pub bearer: Option<Arc<crate::auth::TokenFile>>,
+    /// TLS to every instance, when set (see [`crate::tls`]).
+    pub tls: Option<Arc<crate::tls::ProcessorTls>>,
 }
 
 /// One processor instance: one address.
@@ -127,12 +129,19 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(id: u64, target: usize, addr: SocketAddr, opts: &ConnectOptions) -> Result<Self, Error> {
-        let url = format!("http://{addr}");
-        let mut endpoint = ChannelEndpoint::from_shared(url.clone())
+    fn new(id: u64, target: (usize, &str), addr: SocketAddr, opts: &ConnectOptions) -> Result<Self, Error> {
+        let (target, host) = target;
+        let url = format!("{}://{addr}", if opts.tls.is_some() { "https" } else { "http" });
+        let tls = |e: ChannelEndpoint| match &opts.tls {
+            Some(tls) => e
+                .tls_config(tls.for_host(host))
+                .map_err(|e| Error::Config(format!("processor endpoint {url:?}: TLS: {e}"))),
+            None => Ok(e),
+        };
+        let mut endpoint = tls(ChannelEndpoint::from_shared(url.clone())
             .map_err(|e| Error::Config(format!("processor endpoint {url:?}: {e}")))?
             .connect_timeout(opts.connect_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true))?;
         if let Some(every) = opts.http2_keepalive {
             endpoint = endpoint.http2_keep_alive_interval(every).keep_alive_timeout(opts.connect_timeout);
         }
@@ -140,10 +149,10 @@ impl Endpoint {
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(usize::MAX);
         // The probe connection sends no keepalive either: probes are the check.
-        let probes = ChannelEndpoint::from_shared(url.clone())
+        let probes = tls(ChannelEndpoint::from_shared(url.clone())
             .map_err(|e| Error::Config(format!("processor endpoint {url:?}: {e}")))?
-            .connect_timeout(opts.connect_timeout)
-            .connect_lazy();
+            .connect_timeout(opts.connect_timeout))?
+        .connect_lazy();
         Ok(Self {
             id,
             url,
@@ -549,6 +558,14 @@ impl Lease {
                 // reset, closed), not from the processor's handler.
                 if std::error::Error::source(&status).is_some() {
                     debug!(processor = %ep.addr, error = %status, "transport failure");
+                    if let Some(why) = crate::tls::connect_error_reason(&status) {
+                        // The handshake failed: the request was never sent.
+                        self.balancer.mark_down(ep, &why);
+                        return Err(CallError::NotStarted(tonic::Status::unavailable(format!(
+                            "{}: {why}",
+                            ep.addr
+                        ))));
+                    }
                     self.balancer.mark_down(ep, &status.to_string());
                     if never_sent(&status) {
                         return Err(CallError::NotStarted(status));
@@ -596,6 +613,12 @@ impl Balancer {
             return Err(Error::Config("no processor endpoints (--processors / FANOUT_PROCESSORS)".into()));
         }
         let targets = processors.iter().map(|raw| Target::parse(raw)).collect::<Result<Vec<_>, _>>()?;
+        if opts.tls.is_none()
+            && let Some(p) = processors.iter().find(|p| p.trim().starts_with("https://"))
+        {
+            // Plaintext to an https:// URL would be a silent downgrade.
+            return Err(Error::Config(format!("processor endpoint {p:?}: https:// needs TLS settings")));
+        }
         let (usable_tx, _) = watch::channel(false);
         let b = Self {
             sched: Mutex::default(),
@@ -699,7 +722,7 @@ impl Balancer {
                 continue;
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            match Endpoint::new(id, target, *addr, &self.opts) {
+            match Endpoint::new(id, (target, self.targets[target].host()), *addr, &self.opts) {
                 Ok(ep) => {
                     info!(processor = %ep.addr, target = %self.targets[target], "processor joined; probing");
                     sched.endpoints.push(Arc::new(ep));
@@ -833,8 +856,7 @@ impl Balancer {
         let check = async {
             let mut health = HealthClient::new(ep.probes.clone());
             let req = self.authorized(HealthCheckRequest { service: PROCESSOR_SERVICE.into() });
-            let resp =
-                health.check(req).await.map_err(|s| (DOWN, format!("{:?}: {}", s.code(), s.message())))?;
+            let resp = health.check(req).await.map_err(|s| (DOWN, crate::tls::status_reason(&s)))?;
             if resp.get_ref().status != ServingStatus::Serving as i32 {
                 return Err((DRAINING, format!("health status {:?}", resp.get_ref().status())));
             }
@@ -996,6 +1018,7 @@ mod tests {
             health_interval: Duration::from_secs(1),
             http2_keepalive: None,
             bearer: None,
+            tls: None,
         }
     }
 
@@ -1131,8 +1154,8 @@ mod tests {
     }
 
     #[test]
-    fn https_is_refused_until_tls_exists() {
+    fn https_without_tls_settings_is_refused() {
         let err = Balancer::new(&["https://p:1".into()], opts(1000)).unwrap_err();
-        assert!(err.to_string().contains("TLS"), "{err}");
+        assert!(err.to_string().contains("TLS") && err.to_string().contains("https://p:1"), "{err}");
     }
 }

@@ -66,9 +66,9 @@ impl fmt::Display for Target {
 }
 
 impl Target {
-    /// Parses `dns:///NAME:PORT`, `http://HOST:PORT` or `HOST:PORT`.
-    /// `https://` is refused: TLS to processors is not built yet, and
-    /// plaintext to an `https://` URL would be a silent downgrade.
+    /// Parses `dns:///NAME:PORT`, `http://HOST:PORT`, `https://HOST:PORT`
+    /// or `HOST:PORT`. Whether an entry is dialled over TLS is decided by the
+    /// pipeline's TLS settings ([`crate::tls::ProcessorTlsArgs`]).
     pub fn parse(raw: &str) -> Result<Self, Error> {
         let entry = raw.trim();
         let bad = |why: &str| Error::Config(format!("processor endpoint {entry:?}: {why}"));
@@ -78,10 +78,10 @@ impl Target {
             return Err(bad(
                 "a DNS server in the URL (dns://SERVER/NAME) is not supported; use dns:///NAME:PORT",
             ));
-        } else if let Some(rest) = entry.strip_prefix("http://") {
+        } else if let Some(rest) = entry.strip_prefix("http://").or_else(|| entry.strip_prefix("https://")) {
             rest.trim_end_matches('/')
         } else if entry.contains("://") {
-            return Err(bad("only http:// and dns:/// are supported (TLS to processors is not built yet)"));
+            return Err(bad("only http://, https:// and dns:/// are supported"));
         } else {
             entry
         };
@@ -103,6 +103,12 @@ impl Target {
     /// The one address of an entry given as an IP, which needs no lookup.
     pub fn fixed_addr(&self) -> Option<SocketAddr> {
         self.fixed
+    }
+
+    /// The host of the entry (a name or an IP address): the name a
+    /// processor's TLS certificate must carry.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The name looked up, for entries given by name.
@@ -181,7 +187,7 @@ mod tests {
         let t = Target::parse("http://procs.example:50052/").unwrap();
         assert_eq!(t.name(), Some("procs.example"));
         for (bad, why) in [
-            ("https://p:1", "TLS"),
+            ("ftp://p:1", "https://"),
             ("dns://8.8.8.8/p:1", "dns:///NAME:PORT"),
             ("p", "HOST:PORT"),
             ("p:x", "port"),

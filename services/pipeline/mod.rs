@@ -89,6 +89,7 @@ impl PipelineService {
                 .as_deref()
                 .map(crate::auth::TokenFile::open)
                 .transpose()?,
+            tls: cfg.processor_tls.load(&cfg.processors, cfg.connect_timeout)?,
         };
         let balancer = Arc::new(Balancer::with_resolver(&cfg.processors, opts, resolver)?);
         balancer.spawn_resolver(cfg.resolve_interval, cancel_runs.clone());

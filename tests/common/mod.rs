@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod timeline;
+pub mod tls;
 
 use fanout::config::{PipelineConfig, ProcessorConfig};
 use fanout::domain::{JsonMap, Record};
