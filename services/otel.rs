@@ -244,8 +244,10 @@ pub struct RunTrace {
     sampled: bool,
     /// What traced attempts send when no span of their own can be made.
     sampled_out: Outgoing,
-    /// What every untraced attempt sends: the run's context, not sampled.
-    unsampled_out: Outgoing,
+    /// What every untraced attempt sends: the run's context, not sampled;
+    /// nothing when the run is not traced at all (no caller's context, no
+    /// OpenTelemetry layer), so that untraced runs cost nothing per attempt.
+    unsampled_out: Option<Outgoing>,
     left: AtomicU64,
     untraced: AtomicU64,
 }
@@ -281,7 +283,7 @@ impl RunTrace {
             otel,
             sampled: sc.is_sampled(),
             sampled_out: Outgoing::new(&sc),
-            unsampled_out: Outgoing::new(&unsampled),
+            unsampled_out: (otel || incoming.is_some()).then(|| Outgoing::new(&unsampled)),
             left: AtomicU64::new(tracing.attempts_per_run),
             untraced: AtomicU64::new(0),
         }
@@ -299,13 +301,15 @@ impl RunTrace {
         let traced = self.sampled
             && self.left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
         if !traced {
-            self.untraced.fetch_add(1, Ordering::Relaxed);
+            if self.unsampled_out.is_some() {
+                self.untraced.fetch_add(1, Ordering::Relaxed);
+            }
             return Attempt { span: Span::none(), outgoing: self.unsampled_out.clone() };
         }
         if !self.otel {
             // Passing the caller's sampled context on: the processor's spans
             // become its children.
-            return Attempt { span: Span::none(), outgoing: self.sampled_out.clone() };
+            return Attempt { span: Span::none(), outgoing: Some(self.sampled_out.clone()) };
         }
         let span = info_span!(
             parent: &self.span,
@@ -318,7 +322,7 @@ impl RunTrace {
         );
         let sc = span.context().span().span_context().clone();
         let outgoing = if sc.is_valid() { Outgoing::new(&sc) } else { self.sampled_out.clone() };
-        Attempt { span, outgoing }
+        Attempt { span, outgoing: Some(outgoing) }
     }
 
     /// Records on the run's span how many attempts got no span.
@@ -345,13 +349,17 @@ fn generated() -> SpanContext {
 #[derive(Debug)]
 pub struct Attempt {
     span: Span,
-    outgoing: Outgoing,
+    outgoing: Option<Outgoing>,
 }
 
 impl Attempt {
-    /// Runs the call `fut` in the attempt's span, carrying its context.
+    /// Runs the call `fut` in the attempt's span, carrying its context (as
+    /// is, when the run is not traced at all).
     pub async fn scope<F: Future>(self, fut: F) -> F::Output {
-        self.outgoing.scope(fut.instrument(self.span)).await
+        match self.outgoing {
+            Some(outgoing) => outgoing.scope(fut.instrument(self.span)).await,
+            None => fut.await,
+        }
     }
 }
 
@@ -437,13 +445,22 @@ mod tests {
         assert!(md.is_empty());
     }
 
-    #[test]
-    fn a_run_without_a_caller_gets_a_fresh_unsampled_trace() {
+    #[tokio::test]
+    async fn a_run_without_a_caller_gets_a_fresh_trace_id_and_sends_nothing() {
         let a = RunTrace::start(&Span::none(), &RunTracing::default());
         let b = RunTrace::start(&Span::none(), &RunTracing::default());
         assert_eq!(a.trace_id().len(), 32);
         assert_ne!(a.trace_id(), b.trace_id());
         assert!(!a.sampled);
-        assert!(a.unsampled_out.traceparent().ends_with("-00"));
+        // Neither traced nor in a caller's trace: its calls carry no context.
+        let md = a
+            .attempt("r", 1, 1, "p")
+            .scope(async {
+                let mut md = MetadataMap::new();
+                inject_current(&mut md);
+                md
+            })
+            .await;
+        assert!(md.is_empty());
     }
 }
