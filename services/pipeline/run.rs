@@ -456,6 +456,7 @@ async fn execute_inner(
                     }
                 };
                 for (mut p, step) in items {
+                    let refused = matches!(step, Step::NotStarted(_));
                     let outcome = match step {
                         Step::Succeeded(resp) => Outcome::Succeeded {
                             output: resp.output.unwrap_or_default(),
@@ -475,8 +476,9 @@ async fn execute_inner(
                             continue;
                         }
                         Step::NotStarted(status) | Step::Failed(status) => {
-                            // Many refusals in a row count as one attempt.
-                            if p.not_started >= MAX_NOT_STARTED {
+                            // Many refusals in a row count as one attempt (a
+                            // failure after them was counted by its call).
+                            if refused && p.not_started >= MAX_NOT_STARTED {
                                 p.attempts += 1;
                                 ctx.queue.metrics().attempt(p.last.as_deref(), status.code(), None);
                             }
