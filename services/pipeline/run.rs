@@ -795,7 +795,7 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
             Step::Failed(s) => s.code(),
             Step::Stopped => tonic::Code::Cancelled,
         };
-        ctx.queue.metrics().attempt(Some(lease.endpoint()), code, Some(attempt_start.elapsed()));
+        ctx.queue.metrics().attempt(Some(lease.endpoint()), code, Some(attempt_start));
     }
     drop(lease);
     items.extend(rest.into_iter().map(|p| (p, Step::Requeue)));
