@@ -493,9 +493,10 @@ impl Default for RunMetrics {
 }
 
 impl RunMetrics {
-    /// A record's final result: its status and its time from first
-    /// dispatch.
-    pub fn record(&self, result: &crate::domain::RecordResult) {
+    /// A record's final result: its status and, when it was `dispatched`,
+    /// its time from first dispatch (a record a stopped run never sent has
+    /// none: it is counted, not timed).
+    pub fn record(&self, result: &crate::domain::RecordResult, dispatched: bool) {
         if !self.on.load(Ordering::Relaxed) {
             return;
         }
@@ -503,7 +504,9 @@ impl RunMetrics {
             crate::domain::Outcome::Succeeded { .. } => self.succeeded.inc(),
             crate::domain::Outcome::Failed(_) => self.failed.inc(),
         };
-        self.record_seconds.observe(result.elapsed.as_secs_f64());
+        if dispatched {
+            self.record_seconds.observe(result.elapsed.as_secs_f64());
+        }
     }
 
     /// One attempt that ended with `code`: on `endpoint`, started at

@@ -455,3 +455,31 @@ async fn a_failure_after_many_refusals_is_one_attempt() {
     assert_eq!(pipe.count("fanout_record_attempts_total", &[("grpc_code", "FAILED_PRECONDITION")]), 1);
     server.abort();
 }
+
+/// Records a stopped run never dispatched are counted (failed) but have no
+/// duration "from first dispatch": they must not pile up as zeros in the
+/// histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_never_dispatched_have_no_duration() {
+    let script = Arc::new(Script::new().permanent("rec-001").permanent("rec-003"));
+    let p = start_processor(TestWorkload::new("A", &script)).await;
+    let mut cfg = pipeline_config(std::slice::from_ref(&p.url));
+    cfg.metrics.metrics_listen = Some("127.0.0.1:0".into());
+    let pipeline = fanout::server::start_pipeline(&cfg).await.expect("start pipeline");
+    let mut client = pipeline_client(&pipeline.url()).await;
+    const N: usize = 10;
+    let options = proto::RunOptions { tolerated_failures: Some(1), max_in_flight: 1, ..Default::default() };
+    let got = run(&mut client, proto::RunRequest { options: Some(options), ..run_request(records(N)) })
+        .await
+        .expect("run");
+    assert_eq!(got.status(), proto::RunStatus::Failed);
+    // One at a time: rec-000..rec-003 tried, the second failure (rec-003)
+    // stops the run, the other six are cancelled without an attempt.
+    let dispatched = got.records.iter().filter(|r| r.attempts > 0).count() as u64;
+    assert_eq!(dispatched, 4, "{:?}", got.failures());
+    let pipe = scrape(metrics_addr(&pipeline));
+    assert_eq!(pipe.count("fanout_records_total", &[]), N as u64, "{}", pipe.text);
+    assert_eq!(pipe.count("fanout_records_total", &[("status", "failed")]), N as u64 - 2);
+    assert_eq!(pipe.count("fanout_record_duration_seconds_count", &[]), dispatched, "{}", pipe.text);
+    assert_eq!(pipe.count("fanout_runs_total", &[("status", "FAILED")]), 1);
+}

@@ -506,7 +506,7 @@ async fn execute_inner(
                     in_flight -= 1;
                     let result = p.result(outcome);
                     report.add(&result);
-                    ctx.queue.metrics().record(&result);
+                    ctx.queue.metrics().record(&result, true);
                     if let Err(why) = outbox.push(RunEvent::Record(result)) {
                         return gone(why, &control);
                     }
@@ -560,10 +560,11 @@ async fn execute_inner(
             .chain(source.drain_received().into_iter().map(|(i, r)| Pending::new(i, r)))
             .collect();
         for p in left {
+            let dispatched = p.started.is_some();
             let result =
                 p.result(Outcome::Failed(Failure { code: tonic::Code::Cancelled, message: reason.clone() }));
             report.add(&result);
-            ctx.queue.metrics().record(&result);
+            ctx.queue.metrics().record(&result, dispatched);
             deliver!(outbox.send(RunEvent::Record(result)));
         }
     }
