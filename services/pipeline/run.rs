@@ -471,7 +471,7 @@ async fn execute_inner(
                         }
                         Step::NotStarted(status) if p.not_started < MAX_NOT_STARTED => {
                             p.not_started += 1;
-                            debug!(record_id = ?p.record.id, code = ?status.code(), "record not started; sent again");
+                            debug!(record_id = %p.record.id, code = ?status.code(), "record not started; sent again");
                             tasks.push(Box::pin(back_off(ctx.clone(), p, ctx.backoff.delay(1))));
                             continue;
                         }
@@ -487,7 +487,7 @@ async fn execute_inner(
                             if is_transient(code) && p.attempts < ctx.max_attempts && stop.is_none() {
                                 let delay = ctx.backoff.delay(p.attempts);
                                 debug!(
-                                    record_id = ?p.record.id,
+                                    record_id = %p.record.id,
                                     index = p.index,
                                     attempt = p.attempts,
                                     processor = %p.last.as_ref().map_or("", |e| e.addr.as_str()),
@@ -499,7 +499,7 @@ async fn execute_inner(
                                 tasks.push(Box::pin(back_off(ctx.clone(), p, delay)));
                                 continue;
                             }
-                            debug!(record_id = ?p.record.id, index = p.index, attempt = p.attempts, code = ?code, error = %status.message(), "record failed");
+                            debug!(record_id = %p.record.id, index = p.index, attempt = p.attempts, code = ?code, error = %status.message(), "record failed");
                             Outcome::Failed(Failure { code, message: status.message().to_owned() })
                         }
                     };
