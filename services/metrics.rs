@@ -640,8 +640,12 @@ impl Collector for PipelineCollector {
             None,
             Kind::Histogram,
         )?)?;
-        // One series set per instance label (an address that left and came
-        // back is merged with its successor).
+        // One series set per instance label: an instance that left is no
+        // longer listed (its series end; a successor at the same address
+        // starts from zero, which rate() reads as a counter reset). Two live
+        // instances with one label (an address listed twice) would be a
+        // duplicate series, which Prometheus rejects: the first one's are
+        // shown, the other's are not (no merging).
         let mut instances: Vec<(String, Arc<crate::pipeline::balancer::Endpoint>)> =
             self.balancer.endpoints().into_iter().map(|ep| (ep.label(), ep)).collect();
         instances.sort_by(|a, b| a.0.cmp(&b.0));
