@@ -743,21 +743,29 @@ async fn tls(args: &BenchArgs, table: &mut Table) -> Result<()> {
     Ok(())
 }
 
-/// Scrapes `/metrics` at `addr` once (HTTP/1.1, bounded in time) and sums
-/// the samples whose name, or name and labels, are `series`.
-async fn scrape_sum(addr: std::net::SocketAddr, series: &str) -> Result<f64> {
+/// Scrapes `/metrics` at `addr` once (HTTP/1.1, bounded in time): the
+/// response, status line and headers included.
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let text = tokio::time::timeout(Duration::from_secs(10), async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
             .await?;
+        // The listener caps a response's time, not its size: so does this.
         let mut text = String::new();
-        s.read_to_string(&mut text).await?;
+        s.take(64 << 20).read_to_string(&mut text).await?;
         anyhow::Ok(text)
     })
     .await
     .context("scraping metrics timed out")??;
     ensure!(text.starts_with("HTTP/1.1 200"), "scraping {addr}: {}", text.lines().next().unwrap_or(""));
+    Ok(text)
+}
+
+/// Scrapes `/metrics` at `addr` and sums the samples whose name, or name
+/// and labels, are `series`.
+async fn scrape_sum(addr: std::net::SocketAddr, series: &str) -> Result<f64> {
+    let text = scrape(addr).await?;
     let mut sum = 0.0;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         if let Some((name, value)) = line.rsplit_once(' ')

@@ -186,6 +186,12 @@ struct DemoArgs {
     /// for this demo (removed at the end).
     #[arg(long)]
     tls: bool,
+    /// Serve Prometheus metrics on loopback ports (as --metrics-listen
+    /// 127.0.0.1:0 does) and print, on stderr after the run, what the
+    /// pipeline's and each processor's /metrics say (histogram buckets
+    /// left out).
+    #[arg(long)]
+    metrics: bool,
     #[command(flatten)]
     settings: RunSettings,
 }
@@ -290,6 +296,7 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     for _ in 0..args.processors.max(1) {
         let mut cfg = ProcessorConfig { listen: "127.0.0.1:0".into(), ..ProcessorConfig::default() };
         cfg.access.auth_token_file = args.token_file.clone();
+        cfg.metrics.metrics_listen = args.metrics.then(|| "127.0.0.1:0".into());
         if let Some(c) = &certs {
             c.processor(&mut cfg);
         }
@@ -301,6 +308,7 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     cfg.listen = "127.0.0.1:0".into();
     cfg.access.auth_token_file = args.token_file.clone();
     cfg.processor_token.processor_token_file = args.token_file.clone();
+    cfg.metrics.metrics_listen = args.metrics.then(|| "127.0.0.1:0".into());
     if let Some(c) = &certs {
         c.pipeline(&mut cfg);
         eprintln!("demo: mTLS on both hops, throwaway CA and certificates in {}", c.dir().display());
@@ -327,6 +335,15 @@ async fn demo(args: DemoArgs) -> Result<i32> {
     }
     .await;
     write_timeline(args.settings.timeline.as_deref(), timeline, &report)?;
+    let servers = std::iter::once(("pipeline", &pipeline)).chain(processors.iter().map(|p| ("processor", p)));
+    for (what, at) in servers.filter_map(|(what, s)| Some((what, s.metrics_addr?))) {
+        let text = bench::scrape(at).await?;
+        eprintln!("demo: {what} metrics, http://{at}/metrics (histogram buckets left out):");
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        for line in body.lines().filter(|l| !l.starts_with('#') && !l.contains("_bucket{")) {
+            eprintln!("  {line}");
+        }
+    }
     pipeline.shutdown().await?;
     for p in processors {
         p.shutdown().await?;

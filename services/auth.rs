@@ -308,7 +308,7 @@ pub fn read_first_token(path: &Path) -> Result<AsciiMetadataValue, Error> {
 
 /// A processor's `UNAUTHENTICATED` as the pipeline reports it: naming the
 /// processor and the flags to check (a configuration error, not the
-/// record's fault). Still `UNAUTHENTICATED`, so it is not retried.
+/// record's fault: the pipeline sends the record elsewhere, uncounted).
 pub fn refused_by_processor(processor: &str, status: &tonic::Status) -> tonic::Status {
     tonic::Status::unauthenticated(format!(
         "processor {processor} refused the pipeline's credentials (UNAUTHENTICATED: {}); check the \

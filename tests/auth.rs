@@ -210,17 +210,18 @@ async fn the_pipeline_sends_its_processor_token_and_names_a_refusing_processor()
     let before = reloads(&proc_tokens);
     replace(&proc_file, "fleet-b\n");
     wait_reload(&proc_tokens, "the processor's new token", |r| r.applied > before.applied).await;
+    // Refused, the records are not the processor's to fail: they wait for
+    // another instance, and with none they fail UNAVAILABLE saying why.
     let got = run_ok(&mut client, run_req(3)).await;
     assert_eq!(got.status(), proto::RunStatus::Failed);
     for r in &got.records {
         assert_failed(
             r,
-            Code::Unauthenticated,
+            Code::Unavailable,
             &[&p.addr, "refused the pipeline's credentials", "--processor-token-file"],
-            1,
+            3,
         );
     }
-    assert_eq!(got.summary().retries, 0, "a refused token is not retried");
 
     // While the pipeline's token is wrong, a run is refused up front,
     // naming the processor and why.
@@ -234,6 +235,37 @@ async fn the_pipeline_sends_its_processor_token_and_names_a_refusing_processor()
     wait_reload(&pipe_token, "the pipeline's new processor token", |r| r.applied > before.applied).await;
     let got = run_ok(&mut client, run_req(3)).await;
     assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:?}", got.failures());
+}
+
+#[tokio::test]
+async fn records_refused_by_a_misconfigured_processor_go_to_the_others() {
+    let dir = TempDir::new("auth-mixed");
+    let good = processor_with_tokens(&dir.write("good", "fleet-a\n")).await;
+    let bad_file = dir.write("bad", "fleet-a\n");
+    let bad = processor_with_tokens(&bad_file).await;
+    let mut cfg = pipeline_config(&[good.url.clone(), bad.url.clone()]);
+    cfg.processor_token.processor_token_file = Some(dir.write("pipeline-processor-token", "fleet-a\n"));
+    // No periodic probe during the test: records meet the refusal first.
+    cfg.health_interval = Duration::from_secs(60);
+    let pipe = server::start_pipeline(&cfg).await.unwrap();
+    let mut client = pipeline_client(&pipe.url()).await;
+    let got = run_ok(&mut client, run_req(40)).await;
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:?}", got.failures());
+    let on_bad = got.records.iter().filter(|r| r.processor.starts_with(&bad.addr)).count();
+    assert!(on_bad > 0, "the premise: both instances take records");
+
+    // One instance moves to another token: records sent to it are refused
+    // there, and go to the other without failing or counting an attempt.
+    let tokens = bad.running.auth_tokens().unwrap().clone();
+    let before = reloads(&tokens);
+    replace(&bad_file, "fleet-other\n");
+    wait_reload(&tokens, "the misconfigured processor's token", |r| r.applied > before.applied).await;
+    let got = run_ok(&mut client, run_req(40)).await;
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:?}", got.failures());
+    for r in &got.records {
+        assert_eq!(r.attempts, 1, "{r:?}");
+        assert!(r.processor.starts_with(&good.addr), "{r:?}");
+    }
 }
 
 #[tokio::test]

@@ -96,8 +96,16 @@ async fn a_processor_queue_holds_records_until_a_slot_frees() {
 async fn the_pipeline_keeps_within_slots_and_shares_work_by_capacity() {
     let timed = || Tracked::slow(Duration::from_millis(10));
     let (small, big) = (timed(), timed());
-    let p1 = start_processor_with(&processor_config_with(1, 1), small.clone()).await;
-    let p2 = start_processor_with(&processor_config_with(2, 2), big.clone()).await;
+    // No queue: a call beyond a processor's slots would be refused (not
+    // started), and its metrics would count the refusal.
+    let strict = |threads, slots| {
+        let mut cfg = processor_config_with(threads, slots);
+        cfg.queue = Some(0);
+        cfg.metrics.metrics_listen = Some("127.0.0.1:0".into());
+        cfg
+    };
+    let p1 = start_processor_with(&strict(1, 1), small.clone()).await;
+    let p2 = start_processor_with(&strict(2, 2), big.clone()).await;
     let pipeline = start_pipeline(&[p1.url.clone(), p2.url.clone()]).await;
     let mut client = pipeline_client(&pipeline.url()).await;
 
@@ -121,6 +129,20 @@ async fn the_pipeline_keeps_within_slots_and_shares_work_by_capacity() {
     );
     let (a, b) = (small.total.load(Ordering::SeqCst), big.total.load(Ordering::SeqCst));
     assert_eq!(a + b, n, "every record processed once");
+    // The pipeline never sent an instance more than its slots: no call was
+    // refused for want of one, and every call was a record processed.
+    for (p, done) in [(&p1, a), (&p2, b)] {
+        let at = p.running.metrics_addr.expect("metrics on");
+        let calls = |code| {
+            metric_sum(
+                at,
+                "grpc_server_handled_total",
+                &[("grpc_method", "ProcessRecord"), ("grpc_code", code)],
+            )
+        };
+        assert_eq!(calls("RESOURCE_EXHAUSTED"), 0.0, "{} was sent more than its slots", p.addr);
+        assert_eq!(calls("OK"), done as f64, "{}", p.addr);
+    }
     let share = b as f64 / a as f64;
     eprintln!("records: 1-slot {a}, 2-slot {b}");
     assert!(

@@ -31,8 +31,7 @@ PORT_PROC=50052
 ROUNDS=500000          # digest rounds per unit (~25 ms per unit here)
 UNITS=2                # units per record
 TARGET_WALL=20         # seconds the main run should last (records sized from a warm-up run)
-JOIN_AT=4              # seconds into the run: p3 added to DNS
-CUT_AT=9               # seconds into the run: p2's link cut
+JOIN_SHARE=4           # p3 is added to DNS once 1/JOIN_SHARE of the records are done
 RUN_LIMIT=120          # seconds the client may take at most
 
 # namespace, last address byte
@@ -249,18 +248,34 @@ t0=$(date +%s.%N)
 client_pid=$!
 pids+=("$client_pid")
 
-sleep "$JOIN_AT"
-kill -0 "$client_pid" 2>/dev/null || say "warning: the run ended before p3 joined"
+# Events follow the run's own progress (its --output file, one line per
+# finished record), not the clock: p3 joins once a quarter of the records are
+# done, and p2's link is cut once p3 has finished records of its own and p2
+# still has work in flight (some records remain).
+done_count() { if [ -f "$tmp/results.ndjson" ]; then wc -l <"$tmp/results.ndjson"; else echo 0; fi; }
+done_on() { if [ -f "$tmp/results.ndjson" ]; then grep -c "\"processor\":\"$1:" "$tmp/results.ndjson" || true; else echo 0; fi; }
+wait_for() { # wait_for WHAT CONDITION...: polls until CONDITION holds, bounded by RUN_LIMIT
+  local what=$1 deadline=$(( $(date +%s) + RUN_LIMIT )); shift
+  until "$@"; do
+    kill -0 "$client_pid" 2>/dev/null || die "the run ended before $what"
+    [ "$(date +%s)" -lt "$deadline" ] || die "timed out waiting for $what"
+    sleep 0.1
+  done
+}
+quarter_done() { [ "$(done_count)" -ge $(( records / JOIN_SHARE )) ]; }
+p3_working() { [ "$(done_on "$(ip_of fo-p3)")" -ge 5 ]; }
+
+wait_for "a quarter of the records" quarter_done
 write_hosts fo-p1 fo-p2 fo-p3
 kill -HUP "$dnsmasq_pid"
 t_join=$(date +%s.%N)
-say "+${JOIN_AT}s: p3 ($(ip_of fo-p3)) added to DNS (SIGHUP dnsmasq)"
+say "+$(python3 -c "print(round($t_join - $t0, 1))")s: $(done_count) records done; p3 ($(ip_of fo-p3)) added to DNS (SIGHUP dnsmasq)"
 
-sleep "$((CUT_AT - JOIN_AT))"
-kill -0 "$client_pid" 2>/dev/null || say "warning: the run ended before p2's link was cut"
+wait_for "p3 to finish records" p3_working
+[ "$(done_count)" -lt "$records" ] || die "the run finished before p2's link could be cut"
 ip link set fo-p2-h down
 t_cut=$(date +%s.%N)
-say "+${CUT_AT}s: p2's link cut (fo-p2-h down; p2 keeps running, its connections stay open)"
+say "+$(python3 -c "print(round($t_cut - $t0, 1))")s: $(done_count) records done, $(done_on "$(ip_of fo-p3)") on p3; p2's link cut (fo-p2-h down; p2 keeps running, its connections stay open)"
 
 rc=0
 wait "$client_pid" || rc=$?

@@ -483,3 +483,24 @@ async fn records_never_dispatched_have_no_duration() {
     assert_eq!(pipe.count("fanout_record_duration_seconds_count", &[]), dispatched, "{}", pipe.text);
     assert_eq!(pipe.count("fanout_runs_total", &[("status", "FAILED")]), 1);
 }
+
+#[test]
+fn the_demo_prints_what_its_servers_counted() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["demo", "--records", "30", "--rounds", "1", "--processors", "2", "--metrics", "--quiet"])
+        .output()
+        .expect("fanout demo runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // What the pipeline counted, then each processor's calls: together the
+    // 30 records, each on one of the two.
+    assert!(stderr.contains("fanout_records_total{status=\"succeeded\"} 30"), "{stderr}");
+    let calls: u64 = stderr
+        .lines()
+        .filter(|l| l.contains("grpc_server_handled_total") && l.contains("grpc_method=\"ProcessRecord\""))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(calls, 30, "{stderr}");
+    assert_eq!(stderr.matches("processor metrics, http://127.0.0.1:").count(), 2, "{stderr}");
+    assert!(!stderr.contains("_bucket{"), "buckets are left out");
+}

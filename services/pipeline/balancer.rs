@@ -124,6 +124,9 @@ pub struct Endpoint {
     /// Cancelled when the instance is lost: its in-flight attempts end.
     lost: Mutex<CancellationToken>,
     warned_no_describe: AtomicBool,
+    /// Why it was last marked down or draining, for the error of a record
+    /// that finds no instance up.
+    why_not_up: Mutex<String>,
     /// Its attempts, for Prometheus (they go with the instance).
     pub metrics: crate::metrics::EndpointMetrics,
 }
@@ -171,6 +174,7 @@ impl Endpoint {
             name: Mutex::new(String::new()),
             lost: Mutex::new(CancellationToken::new()),
             warned_no_describe: AtomicBool::new(false),
+            why_not_up: Mutex::new(String::new()),
             metrics: Default::default(),
         })
     }
@@ -229,6 +233,17 @@ impl Endpoint {
 
     /// Sets the state, logging the change and why; `true` when it changed.
     fn set_state(&self, state: u8, why: &str) -> bool {
+        if state != UP {
+            /// Reasons are short; a peer's long message is cut.
+            const MAX_REASON: usize = 512;
+            let mut end = why.len().min(MAX_REASON);
+            while !why.is_char_boundary(end) {
+                end -= 1;
+            }
+            let mut reason = self.why_not_up.lock().unwrap_or_else(|p| p.into_inner());
+            reason.clear();
+            reason.push_str(&why[..end]);
+        }
         let old = self.state.swap(state, Ordering::Relaxed);
         if old != state {
             match state {
@@ -543,15 +558,18 @@ impl Lease {
                 Err(timed_out())
             }
             // A wrong token is the fleet's configuration, not the record's
-            // fault: say so, and give the instance no new work until a probe
-            // (whose Describe carries the token too) finds it accepted.
+            // fault, and the record never ran: it goes to another instance
+            // without counting an attempt, and this one gets no new work
+            // until a probe (whose Describe carries the token too) finds it
+            // accepted. With no instance left, the record fails UNAVAILABLE
+            // with this reason.
             Ok(Err(status))
                 if status.code() == tonic::Code::Unauthenticated
                     && std::error::Error::source(&status).is_none() =>
             {
                 let status = crate::auth::refused_by_processor(&ep.label(), &status);
                 self.balancer.mark_down(ep, status.message());
-                Err(CallError::Failed(status))
+                Err(CallError::NotStarted(status))
             }
             Ok(Err(status)) => {
                 // A status with a source came from the transport (refused,
@@ -819,9 +837,24 @@ impl Balancer {
         self.usable_tx.send_if_modified(|now| std::mem::replace(now, usable) != usable);
     }
 
+    /// Each instance and why it is not up (the configured entries when
+    /// none is known).
     fn none_up(&self) -> Error {
-        let names: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
-        Error::Unavailable(format!("no processor is up ({})", names.join(", ")))
+        let endpoints = self.endpoints();
+        let names: Vec<String> = match endpoints.is_empty() {
+            true => self.targets.iter().map(ToString::to_string).collect(),
+            false => endpoints
+                .iter()
+                .map(|ep| {
+                    let why = ep.why_not_up.lock().unwrap_or_else(|p| p.into_inner());
+                    match why.is_empty() {
+                        true => ep.url.clone(),
+                        false => format!("{}: {}", ep.url, why),
+                    }
+                })
+                .collect(),
+        };
+        Error::Unavailable(format!("no processor is up ({})", names.join("; ")))
     }
 
     fn now_ns(&self) -> u64 {

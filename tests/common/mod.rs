@@ -857,3 +857,27 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+// ------------------------------------------------------------- metrics
+
+/// Sums, over one scrape of the Prometheus text at `addr`, the samples of
+/// `name` whose labels include every `labels` pair.
+pub fn metric_sum(addr: std::net::SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics listener");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name && wanted.iter().all(|w| rest.split([',', '}']).any(|kv| kv == w))
+        })
+        .map(|(_, v)| v.parse::<f64>().unwrap())
+        .sum()
+}
