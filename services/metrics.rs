@@ -20,7 +20,12 @@
 //! Counters on hot paths are plain handles held where they are counted (per
 //! instance from its creation, per method in a table): no label lookup per
 //! call. Gauges (runs in progress, in flight, up, threads busy, queue
-//! depth) are read when scraped.
+//! depth) are read when scraped. Without `--metrics-listen` nothing is
+//! counted: the run, record, attempt and unit counts are switched on by
+//! building the registry that reads them ([`pipeline_registry`],
+//! [`processor_registry`]); until then each is one relaxed load and a
+//! return (a histogram's observation takes a lock that every unit thread
+//! shares).
 //!
 //! The listener is HTTP/1.1 only, answers `GET /metrics` (405 for other
 //! methods there, 404 elsewhere), takes at most [`MAX_CONNECTIONS`]
@@ -44,6 +49,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -454,6 +460,8 @@ impl<B: Body + Unpin> Body for MeteredBody<B> {
 /// The run and record counts of one pipeline (kept by its balancer).
 #[derive(Debug)]
 pub struct RunMetrics {
+    /// Counting at all: set by [`pipeline_registry`].
+    on: AtomicBool,
     succeeded: Counter,
     failed: Counter,
     record_seconds: Histogram,
@@ -474,6 +482,7 @@ const CLIENT_GONE: usize = 5;
 impl Default for RunMetrics {
     fn default() -> Self {
         Self {
+            on: AtomicBool::new(false),
             succeeded: Counter::default(),
             failed: Counter::default(),
             record_seconds: seconds_histogram(),
@@ -484,27 +493,36 @@ impl Default for RunMetrics {
 }
 
 impl RunMetrics {
-    /// A record's final result: its status and its time from first
-    /// dispatch.
-    pub fn record(&self, result: &crate::domain::RecordResult) {
+    /// A record's final result: its status and, when it was `dispatched`,
+    /// its time from first dispatch (a record a stopped run never sent has
+    /// none: it is counted, not timed).
+    pub fn record(&self, result: &crate::domain::RecordResult, dispatched: bool) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
+        }
         match result.outcome {
             crate::domain::Outcome::Succeeded { .. } => self.succeeded.inc(),
             crate::domain::Outcome::Failed(_) => self.failed.inc(),
         };
-        self.record_seconds.observe(result.elapsed.as_secs_f64());
+        if dispatched {
+            self.record_seconds.observe(result.elapsed.as_secs_f64());
+        }
     }
 
-    /// One attempt that ended with `code`: on `endpoint`, taking `took`
-    /// (`None` when not timed), or, with no endpoint, placed nowhere (no
-    /// instance was up).
+    /// One attempt that ended with `code`: on `endpoint`, started at
+    /// `started` (`None` when not timed), or, with no endpoint, placed
+    /// nowhere (no instance was up).
     pub fn attempt(
         &self,
         endpoint: Option<&crate::pipeline::balancer::Endpoint>,
         code: tonic::Code,
-        took: Option<Duration>,
+        started: Option<Instant>,
     ) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
+        }
         match endpoint {
-            Some(ep) => ep.metrics.attempt(code, took),
+            Some(ep) => ep.metrics.attempt(code, started.map(|t| t.elapsed())),
             None => {
                 self.unplaced[code_index(code)].inc();
             }
@@ -514,7 +532,7 @@ impl RunMetrics {
     /// A run has begun: the returned tally counts it when it ends
     /// (`CLIENT_GONE` if dropped before [`RunTally::finish`]).
     pub fn run_started(self: &Arc<Self>) -> RunTally {
-        RunTally { metrics: Some(self.clone()) }
+        RunTally { metrics: self.on.load(Ordering::Relaxed).then(|| self.clone()) }
     }
 }
 
@@ -622,8 +640,12 @@ impl Collector for PipelineCollector {
             None,
             Kind::Histogram,
         )?)?;
-        // One series set per instance label (an address that left and came
-        // back is merged with its successor).
+        // One series set per instance label: an instance that left is no
+        // longer listed (its series end; a successor at the same address
+        // starts from zero, which rate() reads as a counter reset). Two live
+        // instances with one label (an address listed twice) would be a
+        // duplicate series, which Prometheus rejects: the first one's are
+        // shown, the other's are not (no merging).
         let mut instances: Vec<(String, Arc<crate::pipeline::balancer::Endpoint>)> =
             self.balancer.endpoints().into_iter().map(|ep| (ep.label(), ep)).collect();
         instances.sort_by(|a, b| a.0.cmp(&b.0));
@@ -682,6 +704,8 @@ impl Collector for PipelineCollector {
 /// Unit counts of one engine (kept in its stats).
 #[derive(Debug)]
 pub struct UnitMetrics {
+    /// Counting at all: set by [`processor_registry`].
+    on: AtomicBool,
     succeeded: Counter,
     failed: Counter,
     seconds: Histogram,
@@ -690,6 +714,7 @@ pub struct UnitMetrics {
 impl Default for UnitMetrics {
     fn default() -> Self {
         Self {
+            on: AtomicBool::new(false),
             succeeded: Counter::default(),
             failed: Counter::default(),
             seconds: Histogram::new(UNIT_BUCKETS),
@@ -700,6 +725,9 @@ impl Default for UnitMetrics {
 impl UnitMetrics {
     /// One unit done (`ok`: without an error or panic), taking `took`.
     pub fn unit(&self, ok: bool, took: Duration) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
+        }
         match ok {
             true => self.succeeded.inc(),
             false => self.failed.inc(),
@@ -765,12 +793,14 @@ impl Collector for ProcessorCollector {
 
 // ------------------------------------------------------------ registries
 
-/// A pipeline's registry: its calls, runs, records and instances.
+/// A pipeline's registry: its calls, runs, records and instances. Switches
+/// the balancer's run, record and attempt counts on.
 pub fn pipeline_registry(
     grpc: Arc<GrpcMetrics>,
     balancer: Arc<crate::pipeline::balancer::Balancer>,
     admission: Arc<crate::pipeline::admission::Admission>,
 ) -> Registry {
+    balancer.run_metrics().on.store(true, Ordering::Relaxed);
     let mut registry = Registry::default();
     registry.register_collector(Box::new(grpc));
     registry.register_collector(Box::new(PipelineCollector { balancer, admission }));
@@ -778,13 +808,14 @@ pub fn pipeline_registry(
 }
 
 /// A processor's registry: its calls and units; `queued` reads the unit
-/// jobs waiting for a thread.
+/// jobs waiting for a thread. Switches the engine's unit counts on.
 pub fn processor_registry(
     grpc: Arc<GrpcMetrics>,
     stats: Arc<crate::engine::EngineStats>,
     threads: usize,
     queued: Box<dyn Fn() -> usize + Send + Sync>,
 ) -> Registry {
+    stats.units.on.store(true, Ordering::Relaxed);
     let mut registry = Registry::default();
     registry.register_collector(Box::new(grpc));
     registry.register_collector(Box::new(ProcessorCollector { stats, threads, queued }));
@@ -907,6 +938,30 @@ mod tests {
         assert_eq!(status_in(&h), Some(14));
         h.insert("grpc-status", http::HeaderValue::from_static("99"));
         assert_eq!(status_in(&h), Some(UNKNOWN));
+    }
+
+    #[test]
+    fn nothing_is_counted_until_a_registry_reads_it() {
+        let units = UnitMetrics::default();
+        units.unit(true, Duration::from_millis(1));
+        assert_eq!(units.succeeded.get(), 0, "counted while off");
+        units.on.store(true, Ordering::Relaxed);
+        units.unit(false, Duration::from_millis(1));
+        assert_eq!(units.failed.get(), 1);
+        let runs = Arc::new(RunMetrics::default());
+        drop(runs.run_started());
+        runs.attempt(None, tonic::Code::Unavailable, Some(Instant::now()));
+        assert_eq!(
+            runs.runs[CLIENT_GONE].get() + runs.unplaced[code_index(tonic::Code::Unavailable)].get(),
+            0
+        );
+        runs.on.store(true, Ordering::Relaxed);
+        drop(runs.run_started());
+        runs.attempt(None, tonic::Code::Unavailable, None);
+        assert_eq!(
+            runs.runs[CLIENT_GONE].get() + runs.unplaced[code_index(tonic::Code::Unavailable)].get(),
+            2
+        );
     }
 
     #[tokio::test]

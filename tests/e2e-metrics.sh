@@ -12,9 +12,9 @@
 #     scrapes;
 #   - Prometheus's `sum(fanout_records_total)` must reach RECORDS, and
 #     `sum(fanout_records_total{status="failed"})` FAILING (bounded wait);
-#   - the p99 of the record duration,
-#     histogram_quantile(0.99, sum by (le) (rate(fanout_record_duration_seconds_bucket[1m]))),
-#     must be a number.
+#   - the README's Grafana queries (failed records per second and their
+#     share, p99 record duration overall and by processor), verbatim, must
+#     each give a positive number for every series.
 # Prints a trimmed /metrics sample of the pipeline. Everything started is
 # stopped on exit, pass or fail.
 #
@@ -173,8 +173,8 @@ for target in "$pipem" "$p1m" "$p2m"; do
   say "promtool check metrics: $target clean ($(grep -vc '^#' "$tmp/scrape.txt") samples)"
 done
 curl -sf --max-time 5 "http://$pipem/metrics" >"$tmp/pipeline.txt"
-[ "$(curl -s -o /dev/null -w '%{http_code}' "http://$pipem/")" = 404 ] || die "/ on the metrics port is not 404"
-[ "$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://$pipem/metrics")" = 405 ] || die "POST /metrics is not 405"
+[ "$(curl -s --max-time 5 -o /dev/null -w '%{http_code}' "http://$pipem/")" = 404 ] || die "/ on the metrics port is not 404"
+[ "$(curl -s --max-time 5 -o /dev/null -w '%{http_code}' -X POST "http://$pipem/metrics")" = 405 ] || die "POST /metrics is not 405"
 
 # ---- what prometheus saw --------------------------------------------------
 poll "records" 'sum(fanout_records_total)' "$RECORDS"
@@ -182,12 +182,34 @@ poll "failed records" 'sum(fanout_records_total{status="failed"})' "$FAILING"
 poll "runs" 'sum(fanout_runs_total{status="PARTIALLY_FAILED"})' 1
 poll "attempts on the processors" \
   'sum(grpc_server_started_total{grpc_method="ProcessRecord"}) - sum(fanout_record_attempts_total)' 0
-p99=$(query 'histogram_quantile(0.99, sum by (le) (rate(fanout_record_duration_seconds_bucket[1m])))')
-python3 -c 'import math, sys; v = float(sys.argv[1]); sys.exit(0 if math.isfinite(v) and v > 0 else 1)' "$p99" 2>/dev/null \
-  || die "p99 record duration is not a number: $p99"
-say "p99 record duration (Prometheus): ${p99}s"
-by_proc=$(query 'histogram_quantile(0.99, sum by (le, processor) (rate(fanout_record_attempt_duration_seconds_bucket[1m])))')
-say "p99 attempt duration of one processor (Prometheus): ${by_proc}s"
+# values PROMQL: every series' value, space-separated ("none" without any).
+values() {
+  { curl -s --max-time 2 --get "$api/query" --data-urlencode "query=$1" 2>/dev/null || true; } | python3 -c '
+import json, sys
+try:
+    r = json.load(sys.stdin)["data"]["result"]
+    print(" ".join(x["value"][1] for x in r) if r else "none")
+except Exception:
+    print("none")'
+}
+# The README's queries ("Observe"), as written there: each series a positive number.
+readme_query() { # readme_query WHAT PROMQL [SERIES]: SERIES (default 1) results expected
+  local got
+  got=$(values "$2")
+  python3 -c '
+import math, sys
+vals, want = sys.argv[1].split(), int(sys.argv[2])
+ok = len(vals) == want and all(math.isfinite(float(v)) and float(v) > 0 for v in vals)
+sys.exit(0 if ok else 1)' "$got" "${3:-1}" 2>/dev/null || die "$1: $2 gives '$got', not ${3:-1} positive number(s)"
+  say "$1 (Prometheus): $got"
+}
+readme_query "failed records per second" 'sum(rate(fanout_records_total{status="failed"}[5m]))'
+readme_query "failed share" \
+  'sum(rate(fanout_records_total{status="failed"}[5m])) / sum(rate(fanout_records_total[5m]))'
+readme_query "p99 record duration (s)" \
+  'histogram_quantile(0.99, sum by (le) (rate(fanout_record_duration_seconds_bucket[5m])))'
+readme_query "p99 attempt duration by processor (s)" \
+  'histogram_quantile(0.99, sum by (le, processor) (rate(fanout_record_attempt_duration_seconds_bucket[5m])))' 2
 
 echo "---- pipeline /metrics (trimmed: no HELP/TYPE, no buckets, no zero gRPC series)"
 grep -v '^#' "$tmp/pipeline.txt" | grep -v '_bucket' | grep -Ev '^grpc_server_(started_total|handling_seconds_(sum|count))\{.*\} 0(\.0)?$'

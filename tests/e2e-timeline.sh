@@ -7,7 +7,11 @@
 # self-contained) and checks the rendered DOM against the data embedded in
 # the page: one lane element per processor, one bar element per attempt
 # with the same record, attempt and outcome, which only the page's script
-# can have drawn. Also takes a screenshot (1400x900) and checks it is a PNG.
+# can have drawn, each filled with its outcome's colour (four distinct
+# colours). Then hovers a retried bar (a mousemove dispatched from a probe
+# page framing the timeline) and checks the tooltip shows that attempt's
+# record id, attempt number, duration and error. Also takes a screenshot
+# (1400x900) and checks it is a PNG.
 #
 # Installs chromium (Debian, --no-install-recommends) and python3 with
 # apt-get when missing. Builds the binaries (cargo build --release --bins)
@@ -76,11 +80,39 @@ browser --dump-dom >"$tmp/dom.html" || { tail -5 "$tmp/chromium.err" >&2; die "c
 browser --screenshot="$tmp/timeline.png" --window-size=1400,900 >/dev/null ||
   { tail -5 "$tmp/chromium.err" >&2; die "chromium --screenshot failed"; }
 
-python3 - "$page" "$tmp/dom.html" "$tmp/timeline.png" "$PROCESSORS" <<'PY'
+# Hover: a probe page frames the timeline, moves the mouse onto the first
+# retried bar, and copies what the tooltip then says into its own DOM.
+cat >"$tmp/probe.html" <<'HTML'
+<!DOCTYPE html><html><body>
+<iframe id="f" src="timeline.html" width="1400" height="900"></iframe>
+<script>
+document.getElementById("f").addEventListener("load", function () {
+  var d = this.contentDocument, out = document.createElement("pre");
+  out.id = "probe";
+  try {
+    var bar = d.querySelector('rect.bar[data-outcome="retried"]'), r = bar.getBoundingClientRect();
+    bar.dispatchEvent(new MouseEvent("mousemove", { bubbles: true, clientX: r.left + 1, clientY: r.top + 1 }));
+    var tip = d.getElementById("tip");
+    out.setAttribute("data-record", bar.getAttribute("data-record"));
+    out.setAttribute("data-attempt", bar.getAttribute("data-attempt"));
+    out.setAttribute("data-shown", tip.style.display);
+    out.textContent = tip.innerText;
+  } catch (e) { out.setAttribute("data-error", String(e)); }
+  document.body.appendChild(out);
+});
+</script></body></html>
+HTML
+timeout "$BROWSER_LIMIT" chromium --headless --no-sandbox --disable-gpu --disable-dev-shm-usage --no-first-run \
+  --user-data-dir="$tmp/profile" --allow-file-access-from-files --virtual-time-budget=10000 --window-size=1400,900 \
+  --dump-dom "file://$tmp/probe.html" >"$tmp/probe-dom.html" 2>>"$tmp/chromium.err" ||
+  { tail -5 "$tmp/chromium.err" >&2; die "chromium --dump-dom of the hover probe failed"; }
+
+python3 - "$page" "$tmp/dom.html" "$tmp/timeline.png" "$PROCESSORS" "$tmp/probe-dom.html" <<'PY'
 import json, sys
 from html.parser import HTMLParser
 
 page_path, dom_path, png_path, processors = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+probe_path = sys.argv[5]
 
 def fail(msg):
     print("e2e-timeline: FAIL: " + msg, file=sys.stderr)
@@ -141,12 +173,44 @@ for b in bars:
     outcomes[b["data-outcome"]] = outcomes.get(b["data-outcome"], 0) + 1
 if not outcomes.get("retried"):
     fail(f"no retried attempt drawn with --flaky: {outcomes}")
+# Colours: every bar of one outcome has one fill, and no two outcomes share one.
+fills = {}
+for b in bars:
+    fills.setdefault(b["data-outcome"], set()).add(b.get("fill"))
+if any(len(f) != 1 or None in f for f in fills.values()):
+    fail(f"bars of one outcome in several (or no) colours: {fills}")
+if len({next(iter(f)) for f in fills.values()}) != len(fills):
+    fail(f"two outcomes share a colour: {fills}")
+
+# Hover: the tooltip names the hovered attempt's record, number, duration and error.
+probe = Collect()
+probe.feed(open(probe_path, encoding="utf-8").read())
+pre = [a for t, a in probe.elements if t == "pre" and a.get("id") == "probe"]
+if not pre:
+    fail("the hover probe did not run (no #probe in its DOM)")
+if pre[0].get("data-error"):
+    fail("the hover probe failed: " + pre[0]["data-error"])
+tip_text = open(probe_path, encoding="utf-8").read()
+tip_text = tip_text[tip_text.find('id="probe"'):]
+tip_text = tip_text[tip_text.find(">") + 1:tip_text.find("</pre>")]
+import html as _html
+tip_text = _html.unescape(tip_text)
+rec, att = pre[0]["data-record"], pre[0]["data-attempt"]
+bar = next(b for b in data["bars"]
+           if data["ids"][b[F["record"]]] == rec and str(b[F["attempt"]]) == att)
+err = data["errors"][bar[F["error"]]] if bar[F["error"]] >= 0 else None
+if pre[0].get("data-shown") != "block":
+    fail(f"the tooltip is not shown on hover: display={pre[0].get('data-shown')!r}")
+for want in [rec, f"attempt {att}", "took ", err]:
+    if not want or want not in tip_text:
+        fail(f"the tooltip lacks {want!r}: {tip_text!r}")
 with open(png_path, "rb") as f:
     if f.read(8) != b"\x89PNG\r\n\x1a\n":
         fail("the screenshot is not a PNG")
 print(f"e2e-timeline: {len(lanes)} lanes, {len(bars)} bars rendered "
       f"({', '.join(f'{k} {v}' for k, v in sorted(outcomes.items()))}); "
       f"{s['records']} records, {s['retries']} retries, {s['wall_seconds']:.2f} s")
+print("e2e-timeline: hover tooltip: " + " | ".join(tip_text.split("\n")))
 PY
 
 if [ -n "$keep" ]; then

@@ -375,6 +375,115 @@ async fn unknown_methods_share_one_series_and_a_dropped_stream_is_cancelled() {
     assert!(!services.iter().any(|v| v.contains("no.Such") || v == "x"), "{services:?}");
 }
 
+/// A processor that refuses its first `refusals` records as "not started"
+/// (as a full processor shared with other pipelines does), then fails every
+/// record for good.
+struct Refuser {
+    calls: std::sync::atomic::AtomicU32,
+    refusals: u32,
+}
+
+#[tonic::async_trait]
+impl proto::record_processor_server::RecordProcessor for Refuser {
+    async fn process_record(
+        &self,
+        _: tonic::Request<proto::ProcessRecordRequest>,
+    ) -> Result<tonic::Response<proto::ProcessRecordResponse>, tonic::Status> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n < self.refusals {
+            let mut status = tonic::Status::resource_exhausted("full: not started");
+            status.metadata_mut().insert(fanout::processor::NOT_STARTED_KEY, "true".parse().unwrap());
+            return Err(status);
+        }
+        Err(tonic::Status::failed_precondition("this record never works"))
+    }
+
+    async fn process_batch(
+        &self,
+        _: tonic::Request<proto::ProcessBatchRequest>,
+    ) -> Result<tonic::Response<proto::ProcessBatchResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no batches"))
+    }
+
+    async fn describe(
+        &self,
+        _: tonic::Request<proto::DescribeRequest>,
+    ) -> Result<tonic::Response<proto::DescribeResponse>, tonic::Status> {
+        Ok(tonic::Response::new(proto::DescribeResponse { slots: 1, unit_threads: 1, ..Default::default() }))
+    }
+}
+
+/// Refusals past the "not started" limit count as one attempt; a real
+/// failure right after that many refusals is one attempt too, not two (in
+/// the record's `attempts`, its attempt log and `fanout_record_attempts_total`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_many_refusals_is_one_attempt() {
+    // The pipeline's limit of refusals in a row (run.rs MAX_NOT_STARTED).
+    const REFUSALS: u32 = 20;
+    let refuser = Arc::new(Refuser { calls: Default::default(), refusals: REFUSALS });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(
+            fanout::pipeline::balancer::PROCESSOR_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    let service = proto::record_processor_server::RecordProcessorServer::from_arc(refuser.clone());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut cfg = pipeline_config(&[format!("http://{addr}")]);
+    cfg.metrics.metrics_listen = Some("127.0.0.1:0".into());
+    let pipeline = fanout::server::start_pipeline(&cfg).await.expect("start pipeline");
+    let mut client = pipeline_client(&pipeline.url()).await;
+    let options = proto::RunOptions { max_attempts: 3, attempt_log: true, ..Default::default() };
+    let got = run(&mut client, proto::RunRequest { options: Some(options), ..run_request(records(1)) })
+        .await
+        .expect("run");
+    let r = &got.records[0];
+    assert_eq!(r.error.as_ref().map(|e| e.code_name.as_str()), Some("FAILED_PRECONDITION"), "{r:?}");
+    assert_eq!(refuser.calls.load(std::sync::atomic::Ordering::SeqCst), REFUSALS + 1);
+    assert_eq!(r.attempts, 1, "one real attempt after {REFUSALS} refusals: {r:?}");
+    assert_eq!(r.attempt_log.len(), 1, "{:?}", r.attempt_log);
+    let pipe = scrape(metrics_addr(&pipeline));
+    assert_eq!(pipe.count("fanout_record_attempts_total", &[]), 1, "{}", pipe.text);
+    assert_eq!(pipe.count("fanout_record_attempts_total", &[("grpc_code", "FAILED_PRECONDITION")]), 1);
+    server.abort();
+}
+
+/// Records a stopped run never dispatched are counted (failed) but have no
+/// duration "from first dispatch": they must not pile up as zeros in the
+/// histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_never_dispatched_have_no_duration() {
+    let script = Arc::new(Script::new().permanent("rec-001").permanent("rec-003"));
+    let p = start_processor(TestWorkload::new("A", &script)).await;
+    let mut cfg = pipeline_config(std::slice::from_ref(&p.url));
+    cfg.metrics.metrics_listen = Some("127.0.0.1:0".into());
+    let pipeline = fanout::server::start_pipeline(&cfg).await.expect("start pipeline");
+    let mut client = pipeline_client(&pipeline.url()).await;
+    const N: usize = 10;
+    let options = proto::RunOptions { tolerated_failures: Some(1), max_in_flight: 1, ..Default::default() };
+    let got = run(&mut client, proto::RunRequest { options: Some(options), ..run_request(records(N)) })
+        .await
+        .expect("run");
+    assert_eq!(got.status(), proto::RunStatus::Failed);
+    // One at a time: rec-000..rec-003 tried, the second failure (rec-003)
+    // stops the run, the other six are cancelled without an attempt.
+    let dispatched = got.records.iter().filter(|r| r.attempts > 0).count() as u64;
+    assert_eq!(dispatched, 4, "{:?}", got.failures());
+    let pipe = scrape(metrics_addr(&pipeline));
+    assert_eq!(pipe.count("fanout_records_total", &[]), N as u64, "{}", pipe.text);
+    assert_eq!(pipe.count("fanout_records_total", &[("status", "failed")]), N as u64 - 2);
+    assert_eq!(pipe.count("fanout_record_duration_seconds_count", &[]), dispatched, "{}", pipe.text);
+    assert_eq!(pipe.count("fanout_runs_total", &[("status", "FAILED")]), 1);
+}
+
 #[test]
 fn the_demo_prints_what_its_servers_counted() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))

@@ -193,13 +193,17 @@ async fn json_logs_carry_the_trace_id_without_any_collector() {
     let exe = env!("CARGO_BIN_EXE_fanout-pipeline");
     let url = p.url();
     let args = [&["--listen", "127.0.0.1:0", "--processors", &url][..], &json].concat();
-    let mut pipe = Server::start_with_env(exe, "fanout-pipeline", &args, &none, "info", file(&pipe_log));
+    let mut pipe =
+        Server::start_with_env(exe, "fanout-pipeline", &args, &none, "info,fanout=debug", file(&pipe_log));
     let mut client = pipeline_client(&pipe.url()).await;
     let mut req = run_request(records(3));
     req.run_id = "with-parent".into();
     let got = run(&mut client, traced(req, TRACEPARENT)).await.expect("run");
     assert_eq!(got.started.trace_id, TRACE, "the caller's trace id, with no tracing configured");
-    let mut req = run_request(records(2));
+    // rec-000, rec-001, and one record that fails (digest: no units).
+    let mut recs = records(2);
+    recs.push(record_with("bad-0", serde_json::json!({"units": 0})));
+    let mut req = run_request(recs);
     req.run_id = "without".into();
     let fresh = run(&mut client, req).await.expect("run").started.trace_id;
     assert!(fresh.len() == 32 && fresh != TRACE && fresh != "0".repeat(32), "{fresh:?}");
@@ -224,6 +228,13 @@ async fn json_logs_carry_the_trace_id_without_any_collector() {
             .unwrap_or_else(|| panic!("no `run finished` line for {run_id}"));
         assert!(in_span(finished, "trace_id", trace), "{finished}");
     }
+    // A record's own events carry its id as a plain string, as the
+    // processor's spans do, so the two logs join on it.
+    let failed = pipe_lines
+        .iter()
+        .find(|l| l["message"] == "record failed")
+        .unwrap_or_else(|| panic!("no `record failed` line in {}", pipe_log.display()));
+    assert_eq!(failed["record_id"], "bad-0", "{failed}");
     // The processor learns the trace id from the (unsampled) traceparent,
     // which a run sends on when it came with one; a run in no trace at all
     // sends none (nothing per call when tracing is off), and the processor's

@@ -456,6 +456,7 @@ async fn execute_inner(
                     }
                 };
                 for (mut p, step) in items {
+                    let refused = matches!(step, Step::NotStarted(_));
                     let outcome = match step {
                         Step::Succeeded(resp) => Outcome::Succeeded {
                             output: resp.output.unwrap_or_default(),
@@ -470,13 +471,14 @@ async fn execute_inner(
                         }
                         Step::NotStarted(status) if p.not_started < MAX_NOT_STARTED => {
                             p.not_started += 1;
-                            debug!(record_id = ?p.record.id, code = ?status.code(), "record not started; sent again");
+                            debug!(record_id = %p.record.id, code = ?status.code(), "record not started; sent again");
                             tasks.push(Box::pin(back_off(ctx.clone(), p, ctx.backoff.delay(1))));
                             continue;
                         }
                         Step::NotStarted(status) | Step::Failed(status) => {
-                            // Many refusals in a row count as one attempt.
-                            if p.not_started >= MAX_NOT_STARTED {
+                            // Many refusals in a row count as one attempt (a
+                            // failure after them was counted by its call).
+                            if refused && p.not_started >= MAX_NOT_STARTED {
                                 p.attempts += 1;
                                 ctx.queue.metrics().attempt(p.last.as_deref(), status.code(), None);
                             }
@@ -485,7 +487,7 @@ async fn execute_inner(
                             if is_transient(code) && p.attempts < ctx.max_attempts && stop.is_none() {
                                 let delay = ctx.backoff.delay(p.attempts);
                                 debug!(
-                                    record_id = ?p.record.id,
+                                    record_id = %p.record.id,
                                     index = p.index,
                                     attempt = p.attempts,
                                     processor = %p.last.as_ref().map_or("", |e| e.addr.as_str()),
@@ -497,14 +499,14 @@ async fn execute_inner(
                                 tasks.push(Box::pin(back_off(ctx.clone(), p, delay)));
                                 continue;
                             }
-                            debug!(record_id = ?p.record.id, index = p.index, attempt = p.attempts, code = ?code, error = %status.message(), "record failed");
+                            debug!(record_id = %p.record.id, index = p.index, attempt = p.attempts, code = ?code, error = %status.message(), "record failed");
                             Outcome::Failed(Failure { code, message: status.message().to_owned() })
                         }
                     };
                     in_flight -= 1;
                     let result = p.result(outcome);
                     report.add(&result);
-                    ctx.queue.metrics().record(&result);
+                    ctx.queue.metrics().record(&result, true);
                     if let Err(why) = outbox.push(RunEvent::Record(result)) {
                         return gone(why, &control);
                     }
@@ -558,10 +560,11 @@ async fn execute_inner(
             .chain(source.drain_received().into_iter().map(|(i, r)| Pending::new(i, r)))
             .collect();
         for p in left {
+            let dispatched = p.started.is_some();
             let result =
                 p.result(Outcome::Failed(Failure { code: tonic::Code::Cancelled, message: reason.clone() }));
             report.add(&result);
-            ctx.queue.metrics().record(&result);
+            ctx.queue.metrics().record(&result, dispatched);
             deliver!(outbox.send(RunEvent::Record(result)));
         }
     }
@@ -793,7 +796,7 @@ async fn call(ctx: Arc<RunCtx>, mut batch: Vec<Pending>) -> Done {
             Step::Failed(s) => s.code(),
             Step::Stopped => tonic::Code::Cancelled,
         };
-        ctx.queue.metrics().attempt(Some(lease.endpoint()), code, Some(attempt_start.elapsed()));
+        ctx.queue.metrics().attempt(Some(lease.endpoint()), code, Some(attempt_start));
     }
     drop(lease);
     items.extend(rest.into_iter().map(|p| (p, Step::Requeue)));
