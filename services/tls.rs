@@ -768,7 +768,13 @@ pub fn connect_error_reason(err: &(dyn std::error::Error + 'static)) -> Option<S
         if text.contains("HTTP/2 was not negotiated") {
             return Some("TLS: the server did not negotiate HTTP/2 (ALPN h2)".into());
         }
-        if text.contains("tls handshake eof") || text.contains("TLS handshake timed out") {
+        // tonic's ClientTlsConfig::timeout passing.
+        if text.contains("TLS handshake timeout") {
+            return Some(
+                "TLS handshake failed: no answer to the handshake in time (is that port serving TLS?)".into(),
+            );
+        }
+        if text.contains("tls handshake eof") {
             return Some(format!(
                 "TLS handshake failed: {text} (is the server serving plaintext, or refusing our certificate?)"
             ));
@@ -859,6 +865,8 @@ mod tests {
         let e = io::Error::new(io::ErrorKind::InvalidData, "received fatal alert: CertificateRequired");
         let why = connect_error_reason(&e).unwrap();
         assert!(why.contains("refused the handshake (alert CertificateRequired;"), "{why}");
+        let why = connect_error_reason(&io::Error::other("TLS handshake timeout.")).unwrap();
+        assert!(why.contains("no answer to the handshake in time"), "{why}");
         assert_eq!(connect_error_reason(&io::Error::other("connection refused")), None);
     }
 }
