@@ -12,10 +12,11 @@
 //! and logs a warning naming the file.
 //!
 //! Each accepted connection ([`Severable`]) is handshaken on a task of its
-//! own ([`ServerIncoming`]), at most [`MAX_HANDSHAKES`] at once, each
-//! bounded by `--handshake-timeout` (which covers the TLS handshake and the
-//! HTTP/2 preface after it: the connection's watchdog times both), so a slow
-//! or garbage client never holds up the accept loop. A plaintext HTTP/2
+//! own ([`ServerIncoming`]), at most [`MAX_HANDSHAKES`] at once (past it,
+//! the oldest gives way), each bounded by `--handshake-timeout` (which
+//! covers the TLS handshake and the HTTP/2 preface after it: the
+//! connection's watchdog times both), so a slow or garbage client never
+//! holds up the accept loop. A plaintext HTTP/2
 //! client on a TLS port is answered, for every call, `UNAVAILABLE` saying
 //! TLS is required, and nothing reaches the services.
 //!
@@ -49,6 +50,7 @@ use futures::{Stream, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -59,14 +61,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tracing::{debug, info, warn};
 
-/// Most TLS handshakes in progress at once per server; past it, accepting
-/// waits for one to end (each ends within the handshake timeout).
+/// Most TLS handshakes in progress at once per server; past it, a new
+/// connection closes the oldest one still handshaking. (Waiting for a slot
+/// instead would let that many silent connections lock every client out
+/// until they time out; a real handshake takes milliseconds, so it is
+/// rarely the oldest.)
 pub const MAX_HANDSHAKES: usize = 256;
 
 /// Bound on a handshake when `--handshake-timeout` is 0 (disabled).
@@ -331,6 +336,9 @@ pub struct ServerIncoming {
     tls: Option<Arc<ServerTls>>,
     limit: Duration,
     handshakes: FuturesUnordered<JoinHandle<Option<TlsConn>>>,
+    /// The handshakes' tasks, oldest first (finished ones pruned before
+    /// counting), to close the oldest when all slots are taken.
+    started: VecDeque<AbortHandle>,
 }
 
 impl std::fmt::Debug for ServerIncoming {
@@ -346,7 +354,7 @@ impl ServerIncoming {
     /// `inner`'s connections, through TLS when `tls` is set.
     pub fn new(inner: Incoming, tls: Option<Arc<ServerTls>>, limits: &ConnectionLimits) -> Self {
         let limit = if limits.handshake_timeout.is_zero() { HANDSHAKE_CAP } else { limits.handshake_timeout };
-        Self { inner, tls, limit, handshakes: FuturesUnordered::new() }
+        Self { inner, tls, limit, handshakes: FuturesUnordered::new(), started: VecDeque::new() }
     }
 }
 
@@ -359,21 +367,34 @@ impl Stream for ServerIncoming {
             return this.inner.poll_next_unpin(cx).map(|c| c.map(|r| r.map(ServerConn::Plain)));
         };
         loop {
-            // New connections while handshake slots are free.
-            while this.handshakes.len() < MAX_HANDSHAKES {
-                match this.inner.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Ok(conn))) => {
-                        this.handshakes.push(tokio::spawn(handshake(conn, tls.clone(), this.limit)))
-                    }
-                    _ => break,
+            // New connections, a bounded number per poll so that finished
+            // handshakes are handed on during a flood.
+            let mut accepted = 0;
+            while accepted < MAX_HANDSHAKES {
+                let Poll::Ready(Some(Ok(conn))) = this.inner.poll_next_unpin(cx) else { break };
+                accepted += 1;
+                this.started.retain(|h| !h.is_finished());
+                if this.started.len() >= MAX_HANDSHAKES
+                    && let Some(oldest) = this.started.pop_front()
+                {
+                    debug!("TLS handshake slots full: closing the oldest handshake");
+                    oldest.abort();
                 }
+                let task = tokio::spawn(handshake(conn, tls.clone(), this.limit));
+                this.started.push_back(task.abort_handle());
+                this.handshakes.push(task);
             }
             match this.handshakes.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(Some(conn)))) => {
                     return Poll::Ready(Some(Ok(ServerConn::Tls(Box::new(conn)))));
                 }
-                // Failed (or its task panicked): a slot is free again.
+                // Failed, closed for a newer one, or its task panicked.
                 Poll::Ready(Some(_)) => continue,
+                Poll::Ready(None) | Poll::Pending if accepted == MAX_HANDSHAKES => {
+                    // More may be waiting to be accepted: come back soon.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             }
         }

@@ -388,3 +388,34 @@ async fn fanout_run_gives_up_on_a_tls_handshake_that_never_ends() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("TLS handshake failed: no answer to the handshake in time"), "{stderr}");
 }
+
+/// More silent connections than there are handshake slots do not lock
+/// real clients out until they time out: the oldest pending handshake
+/// gives way to a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_past_the_handshake_slots_do_not_lock_clients_out() {
+    let dir = Dir::new();
+    let ca = Ca::new("fanout test CA");
+    let mut cfg: ProcessorConfig = processor_config();
+    cfg.tls = server_tls(&dir, "p", &ca.server(1), None);
+    cfg.connections.handshake_timeout = Duration::from_secs(10);
+    let p = start_processor_with(&cfg, Digest::default()).await;
+    let mut silent = Vec::new();
+    for _ in 0..fanout::tls::MAX_HANDSHAKES + 16 {
+        silent.push(tokio::net::TcpStream::connect(p.running.addr).await.unwrap());
+    }
+    let t = std::time::Instant::now();
+    let ch = Channel::from_shared(p.url.clone())
+        .unwrap()
+        .tls_config(client_tls(&ca, None).timeout(Duration::from_secs(8)))
+        .unwrap();
+    let connected = tokio::time::timeout(WAIT, ch.connect()).await.expect("connect returned");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(connected.expect("served"));
+    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("served");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "served in {:?}, well before the silent ones' 10 s timeout",
+        t.elapsed()
+    );
+    drop(silent);
+}
