@@ -630,10 +630,18 @@ pub struct ProcessorTlsArgs {
 }
 
 /// The pipeline's TLS settings for processor connections, loaded.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProcessorTls {
     config: ClientTlsConfig,
     name: Option<String>,
+}
+
+impl std::fmt::Debug for ProcessorTls {
+    /// Not the config: tonic's `Debug` of it prints the client's private
+    /// key, byte by byte.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorTls").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 impl ProcessorTls {
@@ -861,6 +869,32 @@ mod tests {
         let half = ProcessorTlsArgs { processor_cert: Some("c.pem".into()), ..Default::default() };
         let err = half.load(&["p:1".into()], t).unwrap_err().to_string();
         assert!(err.contains("--processor-cert and --processor-key go together"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_holds_no_private_key() {
+        let dir = std::env::temp_dir().join(format!("fanout-tls-debug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["client".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let args = ProcessorTlsArgs {
+            processor_ca: Some(cert_path.clone()),
+            processor_cert: Some(cert_path),
+            processor_key: Some(key_path),
+            ..Default::default()
+        };
+        let tls = args.load(&["p:1".into()], Duration::from_secs(1)).unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let shown = format!("{tls:?}");
+        // The key as tonic's Debug of its bytes would print it.
+        let pem = key.serialize_pem();
+        let bytes = format!("{:?}", &pem.as_bytes()[..40]);
+        assert!(!shown.contains(bytes.trim_end_matches(']')), "{shown}");
+        assert!(!shown.contains(&pem[..40]), "{shown}");
     }
 
     #[test]
