@@ -23,7 +23,11 @@ impl Throwaway {
     pub fn new() -> Result<Self> {
         let dir =
             std::env::temp_dir().join(format!("fanout-certs-{}-{}", std::process::id(), fastrand::u64(..)));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Owner-only: it holds private keys, in a directory anyone can list.
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.recursive(true).create(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let this = Self { dir };
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -94,5 +98,23 @@ impl Throwaway {
 impl Drop for Throwaway {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_keys_directory_is_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let certs = Throwaway::new().unwrap();
+        let mode = std::fs::metadata(certs.dir()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", certs.dir().display());
+        assert!(certs.dir().join("server.key").exists());
+        let dir = certs.dir().to_owned();
+        drop(certs);
+        assert!(!dir.exists(), "removed on drop");
     }
 }

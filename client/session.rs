@@ -18,6 +18,8 @@ use tonic::transport::Channel;
 const STREAM_WINDOW: u32 = 512 << 10;
 /// Receive window of the whole connection (see `connect`).
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Bound on the TCP connect, and on the TLS handshake after it.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Connects to a pipeline at `url` (`http://host:port`, `https://host:port`
 /// or `host:port`).
@@ -31,10 +33,15 @@ pub async fn connect_tls(url: &str, tls: &fanout::tls::ClientTlsArgs) -> Result<
     let (url, tls) = tls.for_url(url)?;
     let mut endpoint = Channel::from_shared(url.clone()).with_context(|| format!("pipeline URL {url:?}"))?;
     if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls).with_context(|| format!("TLS settings for {url}"))?;
+        // tonic's connect timeout covers the TCP connect only: without its
+        // own bound, a server that never answers the handshake holds
+        // `fanout run` forever.
+        endpoint = endpoint
+            .tls_config(tls.timeout(CONNECT_TIMEOUT))
+            .with_context(|| format!("TLS settings for {url}"))?;
     }
     let channel = endpoint
-        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         // h2 ends a connection (GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames")
         // whose unread small DATA frames cost more than half its connection
         // window, each costing up to 256 bytes less its payload. A pipeline

@@ -12,10 +12,11 @@
 //! and logs a warning naming the file.
 //!
 //! Each accepted connection ([`Severable`]) is handshaken on a task of its
-//! own ([`ServerIncoming`]), at most [`MAX_HANDSHAKES`] at once, each
-//! bounded by `--handshake-timeout` (which covers the TLS handshake and the
-//! HTTP/2 preface after it: the connection's watchdog times both), so a slow
-//! or garbage client never holds up the accept loop. A plaintext HTTP/2
+//! own ([`ServerIncoming`]), at most [`MAX_HANDSHAKES`] at once (past it,
+//! the oldest gives way), each bounded by `--handshake-timeout` (which
+//! covers the TLS handshake and the HTTP/2 preface after it: the
+//! connection's watchdog times both), so a slow or garbage client never
+//! holds up the accept loop. A plaintext HTTP/2
 //! client on a TLS port is answered, for every call, `UNAVAILABLE` saying
 //! TLS is required, and nothing reaches the services.
 //!
@@ -49,6 +50,7 @@ use futures::{Stream, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -59,14 +61,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tracing::{debug, info, warn};
 
-/// Most TLS handshakes in progress at once per server; past it, accepting
-/// waits for one to end (each ends within the handshake timeout).
+/// Most TLS handshakes in progress at once per server; past it, a new
+/// connection closes the oldest one still handshaking. (Waiting for a slot
+/// instead would let that many silent connections lock every client out
+/// until they time out; a real handshake takes milliseconds, so it is
+/// rarely the oldest.)
 pub const MAX_HANDSHAKES: usize = 256;
 
 /// Bound on a handshake when `--handshake-timeout` is 0 (disabled).
@@ -331,6 +336,9 @@ pub struct ServerIncoming {
     tls: Option<Arc<ServerTls>>,
     limit: Duration,
     handshakes: FuturesUnordered<JoinHandle<Option<TlsConn>>>,
+    /// The handshakes' tasks, oldest first (finished ones pruned before
+    /// counting), to close the oldest when all slots are taken.
+    started: VecDeque<AbortHandle>,
 }
 
 impl std::fmt::Debug for ServerIncoming {
@@ -346,7 +354,7 @@ impl ServerIncoming {
     /// `inner`'s connections, through TLS when `tls` is set.
     pub fn new(inner: Incoming, tls: Option<Arc<ServerTls>>, limits: &ConnectionLimits) -> Self {
         let limit = if limits.handshake_timeout.is_zero() { HANDSHAKE_CAP } else { limits.handshake_timeout };
-        Self { inner, tls, limit, handshakes: FuturesUnordered::new() }
+        Self { inner, tls, limit, handshakes: FuturesUnordered::new(), started: VecDeque::new() }
     }
 }
 
@@ -359,21 +367,34 @@ impl Stream for ServerIncoming {
             return this.inner.poll_next_unpin(cx).map(|c| c.map(|r| r.map(ServerConn::Plain)));
         };
         loop {
-            // New connections while handshake slots are free.
-            while this.handshakes.len() < MAX_HANDSHAKES {
-                match this.inner.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Ok(conn))) => {
-                        this.handshakes.push(tokio::spawn(handshake(conn, tls.clone(), this.limit)))
-                    }
-                    _ => break,
+            // New connections, a bounded number per poll so that finished
+            // handshakes are handed on during a flood.
+            let mut accepted = 0;
+            while accepted < MAX_HANDSHAKES {
+                let Poll::Ready(Some(Ok(conn))) = this.inner.poll_next_unpin(cx) else { break };
+                accepted += 1;
+                this.started.retain(|h| !h.is_finished());
+                if this.started.len() >= MAX_HANDSHAKES
+                    && let Some(oldest) = this.started.pop_front()
+                {
+                    debug!("TLS handshake slots full: closing the oldest handshake");
+                    oldest.abort();
                 }
+                let task = tokio::spawn(handshake(conn, tls.clone(), this.limit));
+                this.started.push_back(task.abort_handle());
+                this.handshakes.push(task);
             }
             match this.handshakes.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(Some(conn)))) => {
                     return Poll::Ready(Some(Ok(ServerConn::Tls(Box::new(conn)))));
                 }
-                // Failed (or its task panicked): a slot is free again.
+                // Failed, closed for a newer one, or its task panicked.
                 Poll::Ready(Some(_)) => continue,
+                Poll::Ready(None) | Poll::Pending if accepted == MAX_HANDSHAKES => {
+                    // More may be waiting to be accepted: come back soon.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             }
         }
@@ -609,10 +630,18 @@ pub struct ProcessorTlsArgs {
 }
 
 /// The pipeline's TLS settings for processor connections, loaded.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProcessorTls {
     config: ClientTlsConfig,
     name: Option<String>,
+}
+
+impl std::fmt::Debug for ProcessorTls {
+    /// Not the config: tonic's `Debug` of it prints the client's private
+    /// key, byte by byte.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorTls").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 impl ProcessorTls {
@@ -768,7 +797,13 @@ pub fn connect_error_reason(err: &(dyn std::error::Error + 'static)) -> Option<S
         if text.contains("HTTP/2 was not negotiated") {
             return Some("TLS: the server did not negotiate HTTP/2 (ALPN h2)".into());
         }
-        if text.contains("tls handshake eof") || text.contains("TLS handshake timed out") {
+        // tonic's ClientTlsConfig::timeout passing.
+        if text.contains("TLS handshake timeout") {
+            return Some(
+                "TLS handshake failed: no answer to the handshake in time (is that port serving TLS?)".into(),
+            );
+        }
+        if text.contains("tls handshake eof") {
             return Some(format!(
                 "TLS handshake failed: {text} (is the server serving plaintext, or refusing our certificate?)"
             ));
@@ -837,6 +872,32 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_holds_no_private_key() {
+        let dir = std::env::temp_dir().join(format!("fanout-tls-debug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["client".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let args = ProcessorTlsArgs {
+            processor_ca: Some(cert_path.clone()),
+            processor_cert: Some(cert_path),
+            processor_key: Some(key_path),
+            ..Default::default()
+        };
+        let tls = args.load(&["p:1".into()], Duration::from_secs(1)).unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let shown = format!("{tls:?}");
+        // The key as tonic's Debug of its bytes would print it.
+        let pem = key.serialize_pem();
+        let bytes = format!("{:?}", &pem.as_bytes()[..40]);
+        assert!(!shown.contains(bytes.trim_end_matches(']')), "{shown}");
+        assert!(!shown.contains(&pem[..40]), "{shown}");
+    }
+
+    #[test]
     fn client_urls_switch_to_https_with_tls_flags() {
         let none = ClientTlsArgs::default();
         let (url, tls) = none.for_url("127.0.0.1:1").unwrap();
@@ -859,6 +920,8 @@ mod tests {
         let e = io::Error::new(io::ErrorKind::InvalidData, "received fatal alert: CertificateRequired");
         let why = connect_error_reason(&e).unwrap();
         assert!(why.contains("refused the handshake (alert CertificateRequired;"), "{why}");
+        let why = connect_error_reason(&io::Error::other("TLS handshake timeout.")).unwrap();
+        assert!(why.contains("no answer to the handshake in time"), "{why}");
         assert_eq!(connect_error_reason(&io::Error::other("connection refused")), None);
     }
 }

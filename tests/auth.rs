@@ -392,3 +392,51 @@ async fn binaries_keep_tokens_out_of_their_logs() {
         }
     }
 }
+
+/// Calls `path` with an empty message (as a health check request), with
+/// `token` if given: the status it ends with.
+async fn raw_call(url: &str, path: &'static str, token: Option<&str>) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel(url).await);
+    grpc.ready().await.expect("ready");
+    let req = match token {
+        Some(t) => with_token(HealthCheckRequest::default(), t),
+        None => tonic::Request::new(HealthCheckRequest::default()),
+    };
+    let codec =
+        tonic_prost::ProstCodec::<HealthCheckRequest, tonic_health::pb::HealthCheckResponse>::default();
+    let at = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    grpc.unary(req, at, codec).await.expect_err(path)
+}
+
+/// No path gets past the token guard by not being a known method: unknown
+/// methods and services, and look-alikes of the open health prefix, are
+/// UNAUTHENTICATED without a token (they would otherwise tell what exists);
+/// a path under the health prefix reaches only the health service.
+#[tokio::test]
+async fn unknown_and_look_alike_paths_are_behind_the_token_too() {
+    let dir = TempDir::new("auth-paths");
+    let p = start_processor(Digest::default()).await;
+    let mut cfg = pipeline_config(std::slice::from_ref(&p.url));
+    cfg.access.auth_token_file = Some(dir.write("tokens", "paths-token\n"));
+    let pipe = server::start_pipeline(&cfg).await.unwrap();
+    let url = pipe.url();
+    for path in [
+        "/fanout.v1.Pipeline/NoSuchMethod",
+        "/no.such.Service/Method",
+        "/GRPC.HEALTH.V1.HEALTH/Check",
+        "/grpc.health.v1.Health",
+        "/grpc.health.v1.HealthX/Check",
+        "/x/grpc.health.v1.Health/Check",
+    ] {
+        let s = raw_call(&url, path, None).await;
+        assert_eq!(s.code(), Code::Unauthenticated, "{path}: {s:?}");
+        let s = raw_call(&url, path, Some("paths-token")).await;
+        assert_eq!(s.code(), Code::Unimplemented, "{path} with the token: {s:?}");
+    }
+    // Under the open prefix, only health's own methods answer.
+    for path in ["/grpc.health.v1.Health/../fanout.v1.Pipeline/Run", "/grpc.health.v1.Health/Run"] {
+        let s = raw_call(&url, path, None).await;
+        assert_eq!(s.code(), Code::Unimplemented, "{path}: {s:?}");
+    }
+    assert_eq!(get(&p.stats.records_started), 0);
+}

@@ -341,3 +341,81 @@ async fn stalled_handshakes_time_out_without_blocking_others() {
     }
     assert!(t.elapsed() >= Duration::from_millis(1900), "closed at the handshake timeout, not before");
 }
+
+/// `fanout run` against a port that accepts connections but never answers
+/// the TLS handshake (a black-holed load balancer, a wedged server) gives
+/// up with an error saying so, rather than waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_run_gives_up_on_a_tls_handshake_that_never_ends() {
+    let dir = Dir::new();
+    let ca = Ca::new("fanout test CA");
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    // Accepts and holds every connection, saying nothing.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let input = dir.write("records.ndjson", "{\"id\": \"a\"}\n");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["run", "--quiet", "--pipeline", &format!("https://{addr}"), "--ca-cert"])
+        .arg(dir.write("ca.pem", &ca.pem))
+        .arg(&input)
+        .env_remove("FANOUT_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    holder.abort();
+    let status = status.unwrap_or_else(|| panic!("fanout run still waiting on the handshake after {WAIT:?}"));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TLS handshake failed: no answer to the handshake in time"), "{stderr}");
+}
+
+/// More silent connections than there are handshake slots do not lock
+/// real clients out until they time out: the oldest pending handshake
+/// gives way to a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_past_the_handshake_slots_do_not_lock_clients_out() {
+    let dir = Dir::new();
+    let ca = Ca::new("fanout test CA");
+    let mut cfg: ProcessorConfig = processor_config();
+    cfg.tls = server_tls(&dir, "p", &ca.server(1), None);
+    cfg.connections.handshake_timeout = Duration::from_secs(10);
+    let p = start_processor_with(&cfg, Digest::default()).await;
+    let mut silent = Vec::new();
+    for _ in 0..fanout::tls::MAX_HANDSHAKES + 16 {
+        silent.push(tokio::net::TcpStream::connect(p.running.addr).await.unwrap());
+    }
+    let t = std::time::Instant::now();
+    let ch = Channel::from_shared(p.url.clone())
+        .unwrap()
+        .tls_config(client_tls(&ca, None).timeout(Duration::from_secs(8)))
+        .unwrap();
+    let connected = tokio::time::timeout(WAIT, ch.connect()).await.expect("connect returned");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(connected.expect("served"));
+    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("served");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "served in {:?}, well before the silent ones' 10 s timeout",
+        t.elapsed()
+    );
+    drop(silent);
+}
