@@ -514,18 +514,28 @@ fn spawn(
     }
 }
 
-/// Reloads `running`'s TLS files on every SIGHUP (Unix; nothing when not
-/// serving TLS), until the process ends.
+/// Reloads `running`'s TLS files on every SIGHUP (Unix), until the process
+/// ends; without TLS, SIGHUP is logged and otherwise ignored.
 pub fn reload_tls_on_sighup(running: &Running) {
+    // The handler is installed even without TLS: SIGHUP means "reload" to
+    // operators (and the README), and its default action would end the
+    // process. Token files need no signal (they are re-read within a second
+    // of a change).
     #[cfg(unix)]
-    if let Some(tls) = running.tls().cloned() {
+    {
         use tokio::signal::unix::{SignalKind, signal};
+        let tls = running.tls().cloned();
         match signal(SignalKind::hangup()) {
             Ok(mut hup) => {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
-                        info!("SIGHUP: reloading TLS certificates");
-                        let _ = tls.reload();
+                        match &tls {
+                            Some(tls) => {
+                                info!("SIGHUP: reloading TLS certificates");
+                                let _ = tls.reload();
+                            }
+                            None => info!("SIGHUP: nothing to reload (no TLS files); still serving"),
+                        }
                     }
                 });
             }
@@ -536,19 +546,27 @@ pub fn reload_tls_on_sighup(running: &Running) {
     let _ = running;
 }
 
-/// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix).
-pub async fn shutdown_signal() {
+/// Resolves on the first SIGINT or SIGTERM (SIGINT only off Unix). The
+/// handlers are installed when this is called, not when it is first
+/// polled, so a binary that calls it before announcing its address is never
+/// ended by a signal's default action once the address is out.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            },
-            Err(_) => drop(tokio::signal::ctrl_c().await),
+        let (int, term) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()));
+        async move {
+            match (int, term) {
+                (Ok(mut int), Ok(mut term)) => tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                },
+                _ => drop(tokio::signal::ctrl_c().await),
+            }
         }
     }
     #[cfg(not(unix))]
-    drop(tokio::signal::ctrl_c().await);
+    async move {
+        drop(tokio::signal::ctrl_c().await);
+    }
 }

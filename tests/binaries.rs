@@ -259,3 +259,37 @@ async fn json_logs_carry_run_and_record_ids_as_fields() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGHUP means "reload" to an operator: a server without TLS files logs it
+/// and goes on serving (its default action would end the process), and one
+/// signalled the moment it announces its address is already handling it.
+#[tokio::test]
+async fn sighup_reloads_and_never_ends_a_server() {
+    let log = std::env::temp_dir().join(format!("fanout-sighup-{}.log", std::process::id()));
+    let stderr = Stdio::from(std::fs::File::create(&log).unwrap());
+    let exe = env!("CARGO_BIN_EXE_fanout-processor");
+    // A short drain: this (current-thread) test blocks while it waits for the
+    // exit, so its client's connection is not closed for the server to see.
+    let args = ["--listen", "127.0.0.1:0", "--drain-timeout", "1s"];
+    let mut p = Server::start_logging(exe, "fanout-processor", &args, "info", stderr);
+    for _ in 0..2 {
+        assert!(Command::new("kill").args(["-HUP", &p.pid()]).status().expect("kill").success());
+    }
+    // The log line is the signal that both were handled.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.matches("SIGHUP: nothing to reload").count() >= 2 {
+            break;
+        }
+        assert!(p.child.try_wait().unwrap().is_none(), "SIGHUP ended the processor:\n{text}");
+        assert!(Instant::now() < deadline, "no SIGHUP line in the log:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut client = processor_client(&p.url()).await;
+    client.describe(proto::DescribeRequest {}).await.expect("still serving after SIGHUP");
+    drop(client);
+    assert!(Command::new("kill").args(["-TERM", &p.pid()]).status().expect("kill").success());
+    assert_eq!(p.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let _ = std::fs::remove_file(&log);
+}

@@ -23,18 +23,21 @@ async fn main() -> anyhow::Result<()> {
     let export = TraceExport::from_env("fanout-pipeline");
     let telemetry = fanout::telemetry::init_with_traces("info", cfg.log_format, export)?;
     let running = server::start_pipeline(&cfg).await?;
+    // Signals are handled from here on, before the address is announced:
+    // SIGINT/SIGTERM drain and stop, SIGHUP reloads.
+    server::reload_tls_on_sighup(&running);
+    let stop = running.stop_token();
+    let signalled = server::shutdown_signal();
+    tokio::spawn(async move {
+        signalled.await;
+        stop.cancel();
+    });
     // The one line scripts and tests read: the address actually bound.
     println!("fanout-pipeline listening on {}", running.addr);
     if let Some(at) = running.metrics_addr {
         // A reader may have closed stdout after the line above: not an error.
         let _ = writeln!(std::io::stdout(), "fanout-pipeline metrics on {at}");
     }
-    server::reload_tls_on_sighup(&running);
-    let stop = running.stop_token();
-    tokio::spawn(async move {
-        server::shutdown_signal().await;
-        stop.cancel();
-    });
     let served = running.wait().await;
     telemetry.shutdown(TRACE_FLUSH).await;
     Ok(served?)
