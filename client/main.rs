@@ -269,7 +269,7 @@ async fn run(args: RunArgs, exporting: bool) -> Result<i32> {
         ))
         .await;
     write_timeline(args.settings.timeline.as_deref(), timeline, &report)?;
-    let report = report?;
+    let report = report.with_context(|| format!("run on the pipeline at {}", args.pipeline))?;
     print_report(&report, args.settings.table)?;
     Ok(session::exit_code(&report))
 }

@@ -20,6 +20,10 @@ const STREAM_WINDOW: u32 = 512 << 10;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 /// Bound on the TCP connect, and on the TLS handshake after it.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// HTTP/2 pings while a call is open, every this often...
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+/// ...each to be answered within this, or the connection (and call) fails.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Connects to a pipeline at `url` (`http://host:port`, `https://host:port`
 /// or `host:port`).
@@ -52,6 +56,13 @@ pub async fn connect_tls(url: &str, tls: &fanout::tls::ClientTlsArgs) -> Result<
         // any one call's unread frames within budget down to 8-byte frames.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        // While a call is open, a peer that stops answering (a host gone
+        // without a reset, a port that never speaks HTTP/2) is found within
+        // about 30 s instead of waiting forever. Only with a call open, as
+        // servers and proxies expect (grpc-go refuses idle pings).
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(false)
         .connect()
         .await
         .map_err(|e| match fanout::tls::connect_error_reason(&e) {
@@ -61,6 +72,22 @@ pub async fn connect_tls(url: &str, tls: &fanout::tls::ClientTlsArgs) -> Result<
     Ok(PipelineClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
+}
+
+/// The chain of errors under `status` (the transport's own words, e.g.
+/// "keep-alive timed out"), each after ": ".
+fn causes(status: &tonic::Status) -> String {
+    let mut text = String::new();
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        let s = e.to_string();
+        if !text.contains(&s) && !status.message().contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        next = e.source();
+    }
+    text
 }
 
 /// Runs `request` through the unary-request `Run` (the bench's path; `fanout
@@ -158,8 +185,10 @@ pub async fn run_stream(
                 // With TLS 1.3 a refused client certificate may also just
                 // close the connection under the first call.
                 None if std::error::Error::source(&s).is_some() => format!(
-                    "{} (the connection closed; if the pipeline requires a client certificate, check --cert and --key)",
-                    s.message()
+                    "{}{} (the connection closed; if the pipeline requires a client certificate, check --cert \
+                     and --key)",
+                    s.message(),
+                    causes(&s)
                 ),
                 None => s.message().to_owned(),
             };

@@ -293,3 +293,45 @@ async fn sighup_reloads_and_never_ends_a_server() {
     assert_eq!(p.wait_exit(Duration::from_secs(10)).code(), Some(0));
     let _ = std::fs::remove_file(&log);
 }
+
+/// A "pipeline" that accepts the connection and then never says a word
+/// (no HTTP/2 settings, no answer to pings): `fanout run` gives up, naming
+/// the address, instead of waiting forever.
+#[test]
+fn fanout_run_gives_up_on_a_pipeline_that_never_answers() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    // Accepted connections are held open, unread, until the test ends.
+    let held = std::thread::spawn(move || silent.incoming().take(4).collect::<Vec<_>>());
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["run", "--pipeline", &url, "--quiet", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fanout run");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, r#"{{"id": "a"}}"#).unwrap();
+    }
+    // Keepalive: a ping every 20 s, answered within 10 s, or the call fails.
+    let deadline = started + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fanout run still waiting on a silent pipeline after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("127.0.0.1"), "names the pipeline: {stderr}");
+    eprintln!("gave up after {:?}: {stderr}", started.elapsed());
+    drop(held);
+}
