@@ -307,6 +307,12 @@ pub struct ConnectionLimits {
     /// SETTINGS_MAX_CONCURRENT_STREAMS); a client queues the others.
     #[arg(long, env = "FANOUT_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
+    /// A connection older than this is asked to close (HTTP/2 GOAWAY): its
+    /// open calls finish, new ones go on a new connection. Moves clients
+    /// onto rotated TLS certificates, and spreads them again behind L4 load
+    /// balancers. 0 keeps connections for good.
+    #[arg(long, env = "FANOUT_MAX_CONNECTION_AGE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
 }
 
 impl Default for ConnectionLimits {

@@ -461,6 +461,12 @@ fn spawn(
         .http2_max_local_error_reset_streams(Some(1024))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    // GOAWAY at the age, with no grace period: tonic's grace would cut the
+    // calls still open (a long run) at age + grace.
+    let builder = match connections.max_connection_age.is_zero() {
+        true => builder,
+        false => builder.max_connection_age(connections.max_connection_age),
+    };
     let signal = stop.clone();
     let closing = sever.clone();
     let task = tokio::spawn(async move {

@@ -424,3 +424,42 @@ async fn undecodable_requests_are_invalid_argument() {
     let got = run_ok(&mut pipeline_client(&pipeline.url()).await, run_request(records(2))).await;
     assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
 }
+
+/// `--max-connection-age`: past it the server sends GOAWAY; a call open on
+/// the old connection still finishes, and the next ones go on a new
+/// connection (counted by the client's connector), so rotated certificates
+/// and rebalanced load reach long-lived clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aged_connection_is_replaced_without_failing_its_calls() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut cfg = processor_config();
+    cfg.connections.max_connection_age = SHORT;
+    // Each unit sleeps: one record outlives the connection's age.
+    let slow = Tracked::slow(SHORT * 3);
+    let p = start_processor_with(&cfg, slow).await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let (counted, addr) = (dials.clone(), p.addr.clone());
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let addr = addr.clone();
+        async move { TcpStream::connect(addr).await.map(hyper_util::rt::TokioIo::new) }
+    });
+    let channel =
+        Channel::from_shared(p.url.clone()).unwrap().connect_with_connector(connector).await.unwrap();
+    let mut client = proto::record_processor_client::RecordProcessorClient::new(channel);
+    let mut request =
+        process_request(record_with("long", serde_json::json!({ "units": 1 })), proto::UnitMode::Parallel);
+    request.params = Some(rounds(1));
+    let started = Instant::now();
+    let long = client.process_record(request.clone()).await.expect("a call open at the age finishes");
+    assert!(started.elapsed() > SHORT, "the premise: the call outlived the connection's age");
+    assert_eq!(long.into_inner().record_id, "long");
+    assert_eq!(dials.load(Ordering::SeqCst), 1);
+    // The next calls find the old connection going away and dial again.
+    let deadline = Instant::now() + WAIT;
+    while dials.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no new connection after the age");
+        client.describe(proto::DescribeRequest {}).await.expect("calls after the age succeed");
+    }
+}
