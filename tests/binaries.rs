@@ -234,22 +234,13 @@ async fn json_logs_carry_run_and_record_ids_as_fields() {
         let _ = Command::new("kill").args(["-TERM", &s.pid()]).status();
         s.wait_exit(Duration::from_secs(10));
     }
-    let lines = |path: &std::path::Path| -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(path).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
-    };
-    let in_span = |line: &serde_json::Value, field: &str, value: &str| {
-        line["spans"].as_array().is_some_and(|spans| spans.iter().any(|s| s[field] == value))
-    };
     // The pipeline: "run finished" as a JSON line, its run id a field of the run's span.
-    let pipe_lines = lines(&pipe_log);
+    let pipe_lines = json_lines(&pipe_log);
     let finished = pipe_lines.iter().find(|l| l["message"] == "run finished").expect("a run finished line");
     assert!(in_span(finished, "run_id", "json-run"), "{finished}");
     assert_eq!(finished["level"], "INFO");
     // The processor: each record's lines carry the run id, record id and attempt.
-    let proc_lines = lines(&proc_log);
+    let proc_lines = json_lines(&proc_log);
     for id in ids(3) {
         let done = proc_lines
             .iter()

@@ -211,16 +211,7 @@ async fn json_logs_carry_the_trace_id_without_any_collector() {
     for s in [&mut pipe, &mut p] {
         signal_and_wait(s);
     }
-    let lines = |path: &std::path::Path| -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(path).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
-    };
-    let in_span = |line: &serde_json::Value, field: &str, value: &str| {
-        line["spans"].as_array().is_some_and(|spans| spans.iter().any(|s| s[field] == value))
-    };
-    let pipe_lines = lines(&pipe_log);
+    let pipe_lines = json_lines(&pipe_log);
     for (run_id, trace) in [("with-parent", TRACE), ("without", fresh.as_str())] {
         let finished = pipe_lines
             .iter()
@@ -239,7 +230,7 @@ async fn json_logs_carry_the_trace_id_without_any_collector() {
     // which a run sends on when it came with one; a run in no trace at all
     // sends none (nothing per call when tracing is off), and the processor's
     // lines still carry the run id.
-    let proc_lines = lines(&proc_log);
+    let proc_lines = json_lines(&proc_log);
     for (run_id, trace) in [("with-parent", Some(TRACE)), ("without", None)] {
         for id in ids(2) {
             let done = proc_lines

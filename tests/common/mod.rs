@@ -881,3 +881,17 @@ pub fn metric_sum(addr: std::net::SocketAddr, name: &str, labels: &[(&str, &str)
         .map(|(_, v)| v.parse::<f64>().unwrap())
         .sum()
 }
+
+// ------------------------------------------------------------- JSON logs
+
+/// Every line of a `--log-format json` log file, each parsed (a line that
+/// is not JSON fails the test, naming it).
+pub fn json_lines(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
+}
+
+/// Whether one of a JSON log line's enclosing spans has `field` = `value`.
+pub fn in_span(line: &Value, field: &str, value: &str) -> bool {
+    line["spans"].as_array().is_some_and(|spans| spans.iter().any(|s| s[field] == value))
+}
