@@ -63,6 +63,8 @@ pub struct Running {
     _metrics_stop: Option<tokio_util::sync::DropGuard>,
     /// The live TLS config, when serving TLS.
     tls: Option<Arc<ServerTls>>,
+    /// A pipeline's live TLS config of processor connections, when on.
+    processor_tls: Option<Arc<crate::tls::ProcessorTls>>,
 }
 
 impl Running {
@@ -97,6 +99,12 @@ impl Running {
     /// The live TLS config (reload it, follow its reloads), when serving TLS.
     pub fn tls(&self) -> Option<&Arc<ServerTls>> {
         self.tls.as_ref()
+    }
+
+    /// A pipeline's live TLS config of processor connections (reload it,
+    /// follow its reloads), when TLS to processors is on.
+    pub fn processor_tls(&self) -> Option<&Arc<crate::tls::ProcessorTls>> {
+        self.processor_tls.as_ref()
     }
 
     /// Starts graceful shutdown and waits for it to finish.
@@ -256,6 +264,7 @@ pub async fn start_pipeline_with_resolver(
     running.admission = Some(admission);
     running.auth = auth;
     running.processor_token = balancer.processor_token().cloned();
+    running.processor_tls = balancer.processor_tls().cloned();
     serve_metrics(&mut running, metrics_listener.zip(registry))?;
     follow_processors(balancer, reporter, running.stop_token());
     Ok(running)
@@ -514,6 +523,7 @@ fn spawn(
         admission: None,
         auth: None,
         processor_token: None,
+        processor_tls: None,
         metrics_addr: None,
         _metrics_stop: None,
         tls,
@@ -531,16 +541,24 @@ pub fn reload_tls_on_sighup(running: &Running) {
     {
         use tokio::signal::unix::{SignalKind, signal};
         let tls = running.tls().cloned();
+        let processor_tls = running.processor_tls().cloned();
         match signal(SignalKind::hangup()) {
             Ok(mut hup) => {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
+                        if let Some(processor_tls) = &processor_tls {
+                            info!("SIGHUP: reloading the TLS files of processor connections");
+                            let _ = processor_tls.reload();
+                        }
                         match &tls {
                             Some(tls) => {
                                 info!("SIGHUP: reloading TLS certificates");
                                 let _ = tls.reload();
                             }
-                            None => info!("SIGHUP: nothing to reload (no TLS files); still serving"),
+                            None if processor_tls.is_none() => {
+                                info!("SIGHUP: nothing to reload (no TLS files); still serving")
+                            }
+                            None => {}
                         }
                     }
                 });

@@ -36,6 +36,12 @@
 //! overrides it. `--processor-cert`/`--processor-key` present a client
 //! certificate. A failed handshake is a transport failure naming the
 //! instance and why ([`connect_error_reason`]): the instance is down.
+//! These files reload like a server's: [`ProcessorTls`] holds the live
+//! `rustls::ClientConfig` behind an `ArcSwap`, and the balancer dials each
+//! instance with a [`TlsDialer`] (TCP, then the handshake, with the config
+//! current at that dial) instead of tonic's fixed `ClientTlsConfig`, so new
+//! connections present a rotated client certificate; open ones keep their
+//! session until they close (a processor's `--max-connection-age`).
 //!
 //! **Clients** ([`ClientTlsArgs`]): `--ca-cert`, `--cert`, `--key` for
 //! `fanout run`.
@@ -48,11 +54,12 @@ use clap::Args;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -60,6 +67,7 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -629,28 +637,247 @@ pub struct ProcessorTlsArgs {
     pub processor_tls_name: Option<String>,
 }
 
-/// The pipeline's TLS settings for processor connections, loaded.
-#[derive(Clone)]
+/// The pipeline's TLS settings for processor connections, loaded: the live
+/// `rustls::ClientConfig` behind an `ArcSwap`, reloaded like a server's
+/// ([`ServerTls`]): files polled every `--tls-reload-interval`, SIGHUP in
+/// the binary, [`ProcessorTls::reload`]. Each new connection (see
+/// [`ProcessorTls::dialer`]) handshakes with the config current at that
+/// moment; open connections keep their session until they close (a
+/// processor's `--max-connection-age` makes that happen).
 pub struct ProcessorTls {
-    config: ClientTlsConfig,
+    files: ClientFiles,
+    config: ArcSwap<rustls::ClientConfig>,
+    /// The files' stamps at the last load attempt (good or not).
+    stamps: Mutex<Vec<Stamp>>,
+    /// Count of configs swapped in since start.
+    reloads: watch::Sender<u64>,
+    interval: Duration,
+    /// Bound on the TCP connect, and on the handshake after it.
+    timeout: Duration,
     name: Option<String>,
+    /// Open connections by the reload count of the config they were dialled
+    /// with, and successful handshakes since start.
+    open: Mutex<std::collections::BTreeMap<u64, usize>>,
+    dials: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ProcessorTls {
-    /// Not the config: tonic's `Debug` of it prints the client's private
-    /// key, byte by byte.
+    /// Not the config: it holds the client's private key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProcessorTls").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("ProcessorTls")
+            .field("files", &self.files)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
 impl ProcessorTls {
-    /// The TLS config of a connection to an instance of the entry whose
-    /// host is `host`: its certificate must be valid for `host` (or
-    /// `--processor-tls-name`), whatever address it is dialled at.
-    pub fn for_host(&self, host: &str) -> ClientTlsConfig {
+    /// Dials `addr`, an instance of the entry whose host is `host`, over
+    /// TLS: its certificate must be valid for `host` (or
+    /// `--processor-tls-name`), whatever address it is dialled at. Give it
+    /// to `Endpoint::connect_with_connector_lazy` of an `http://` endpoint
+    /// (the TLS is done here, with the config current at each dial).
+    pub fn dialer(self: &Arc<Self>, host: &str, addr: SocketAddr) -> Result<TlsDialer, Error> {
         let name = self.name.as_deref().unwrap_or(host.trim_start_matches('[').trim_end_matches(']'));
-        self.config.clone().domain_name(name)
+        let name = ServerName::try_from(name.to_owned())
+            .map_err(|e| Error::Config(format!("TLS name {name:?} of processors: {e}")))?;
+        Ok(TlsDialer { tls: self.clone(), addr, name })
+    }
+
+    /// Successful reloads since start.
+    pub fn reloads(&self) -> u64 {
+        *self.reloads.borrow()
+    }
+
+    /// Follows the count of successful reloads (tests wait on it).
+    pub fn watch_reloads(&self) -> watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Connections to processors that completed their handshake since
+    /// start.
+    pub fn dials(&self) -> u64 {
+        self.dials.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Open connections dialled with a config older than the current one
+    /// (they keep their session until they close).
+    pub fn stale_connections(&self) -> usize {
+        let current = self.reloads();
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).range(..current).map(|(_, n)| n).sum()
+    }
+
+    /// Reads the files again now and swaps the new config in; on error the
+    /// config in use stays, and the error (naming the file) is logged and
+    /// returned.
+    pub fn reload(&self) -> Result<(), Error> {
+        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = self.files.stamps();
+        match self.files.build() {
+            Ok(config) => {
+                // Config first, count after: a dial that reads the count
+                // and then the config never takes an older config than the
+                // count says (see TlsDialer::call).
+                self.config.store(Arc::new(config));
+                self.reloads.send_modify(|n| *n += 1);
+                info!(cert = ?self.files.cert, ca = ?self.files.ca, "processor TLS files reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "processor TLS reload failed; keeping the config in use");
+                Err(e)
+            }
+        }
+    }
+
+    /// Reloads when a file changed since the last attempt; `None` when none
+    /// did.
+    pub fn reload_if_changed(&self) -> Option<Result<(), Error>> {
+        let now = self.files.stamps();
+        let changed = *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) != now;
+        changed.then(|| self.reload())
+    }
+
+    /// Checks the files every `--tls-reload-interval` until `stop` (or
+    /// until this is dropped). Nothing to watch without files.
+    pub fn spawn_watcher(self: &Arc<Self>, stop: CancellationToken) {
+        if self.files.ca.is_none() && self.files.cert.is_none() {
+            return;
+        }
+        let this = Arc::downgrade(self);
+        let interval = self.interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let Some(tls) = this.upgrade() else { return };
+                // Reading a few small files: brief enough for a worker.
+                let _ = tls.reload_if_changed();
+            }
+        });
+    }
+}
+
+/// Opens TLS connections to one processor instance (see
+/// [`ProcessorTls::dialer`]): TCP connect, then the handshake with the
+/// config current at that moment, each bounded by the connect timeout;
+/// ALPN must pick `h2`. Errors read as tonic's own TLS connector's do
+/// ("tcp connect error: ...", "TLS handshake timeout.", rustls' errors),
+/// which [`connect_error_reason`] and the balancer rely on.
+#[derive(Clone)]
+pub struct TlsDialer {
+    tls: Arc<ProcessorTls>,
+    addr: SocketAddr,
+    name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsDialer")
+            .field("addr", &self.addr)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl tower::Service<tonic::codegen::http::Uri> for TlsDialer {
+    type Response = ProcessorConn;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        // The count before the config (see ProcessorTls::reload).
+        let generation = self.tls.reloads();
+        let config = self.tls.config.load_full();
+        let (tls, addr, name) = (self.tls.clone(), self.addr, self.name.clone());
+        Box::pin(async move {
+            let timeout = tls.timeout;
+            let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => tcp,
+                // The words hyper's connector uses: the balancer tells a
+                // refused connection (request never sent) by them.
+                Ok(Err(e)) => return Err(io::Error::new(e.kind(), format!("tcp connect error: {e}"))),
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "tcp connect error: connection timed out",
+                    ));
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+            let stream = match tokio::time::timeout(timeout, handshake).await {
+                Ok(stream) => stream?,
+                Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout.")),
+            };
+            if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(io::Error::other("HTTP/2 was not negotiated."));
+            }
+            tls.dials.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            *tls.open.lock().unwrap_or_else(|p| p.into_inner()).entry(generation).or_default() += 1;
+            Ok(ProcessorConn { io: hyper_util::rt::TokioIo::new(stream), tls, generation })
+        })
+    }
+}
+
+/// A TLS connection to a processor (from [`TlsDialer`]), counted open
+/// under the config it was dialled with until it is dropped.
+pub struct ProcessorConn {
+    io: hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    tls: Arc<ProcessorTls>,
+    generation: u64,
+}
+
+impl Drop for ProcessorConn {
+    fn drop(&mut self) {
+        let mut open = self.tls.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.generation) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.generation);
+            }
+        }
+    }
+}
+
+impl hyper::rt::Read for ProcessorConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for ProcessorConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        hyper::rt::Write::is_write_vectored(&self.io)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -666,8 +893,15 @@ impl ProcessorTlsArgs {
     }
 
     /// Loads the files: `None` when TLS to processors is off; `timeout`
-    /// bounds each handshake.
-    pub fn load(&self, processors: &[String], timeout: Duration) -> Result<Option<Arc<ProcessorTls>>, Error> {
+    /// bounds each TCP connect and each handshake; the files are checked
+    /// for changes every `reload_interval` once
+    /// [`ProcessorTls::spawn_watcher`] runs.
+    pub fn load(
+        &self,
+        processors: &[String],
+        timeout: Duration,
+        reload_interval: Duration,
+    ) -> Result<Option<Arc<ProcessorTls>>, Error> {
         if !self.enabled(processors) {
             return Ok(None);
         }
@@ -676,14 +910,87 @@ impl ProcessorTlsArgs {
                 "processor endpoint {p:?} is plaintext (http://) while TLS to processors is on; use https:// or dns:///"
             )));
         }
-        let config = client_config(
-            self.processor_ca.as_deref(),
-            self.processor_cert.as_deref(),
-            self.processor_key.as_deref(),
-            ["--processor-ca", "--processor-cert", "--processor-key"],
-        )?
-        .timeout(timeout);
-        Ok(Some(Arc::new(ProcessorTls { config, name: self.processor_tls_name.clone() })))
+        if reload_interval.is_zero() {
+            return Err(Error::Config("--tls-reload-interval must be positive".into()));
+        }
+        let files = ClientFiles {
+            ca: self.processor_ca.clone(),
+            cert: self.processor_cert.clone(),
+            key: self.processor_key.clone(),
+        };
+        if files.cert.is_some() != files.key.is_some() {
+            return Err(Error::Config("--processor-cert and --processor-key go together".into()));
+        }
+        let stamps = files.stamps();
+        let config = files.build()?;
+        Ok(Some(Arc::new(ProcessorTls {
+            files,
+            config: ArcSwap::from_pointee(config),
+            stamps: Mutex::new(stamps),
+            reloads: watch::channel(0).0,
+            interval: reload_interval,
+            timeout,
+            name: self.processor_tls_name.clone(),
+            open: Mutex::default(),
+            dials: Default::default(),
+        })))
+    }
+}
+
+/// The files the pipeline's processor TLS config is read from.
+#[derive(Debug, Clone)]
+struct ClientFiles {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl ClientFiles {
+    fn stamps(&self) -> Vec<Stamp> {
+        [&self.ca, &self.cert, &self.key].into_iter().flatten().map(|p| stamp(p)).collect()
+    }
+
+    /// Reads the files and builds the rustls config (TLS 1.2 and 1.3, ALPN
+    /// h2, as tonic's would be); errors name the file.
+    fn build(&self) -> Result<rustls::ClientConfig, Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca {
+            Some(path) => {
+                for cert in read_certs(path, "--processor-ca")? {
+                    roots.add(cert).map_err(|e| file_error(path, "--processor-ca", e))?;
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                if native.certs.is_empty() {
+                    // Every handshake will then fail with UnknownIssuer,
+                    // which names the instance; a CA file fixes it.
+                    warn!(errors = ?native.errors, "no native root CA certificates found; give --processor-ca");
+                }
+                roots.add_parsable_certificates(native.certs);
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?
+            .with_root_certificates(roots);
+        let mut config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert, "--processor-cert")?;
+                let der = read_key(key, "--processor-key")?;
+                builder.with_client_auth_cert(chain, der).map_err(|e| {
+                    Error::Config(format!(
+                        "--processor-cert {} / --processor-key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    ))
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
     }
 }
 
@@ -797,7 +1104,7 @@ pub fn connect_error_reason(err: &(dyn std::error::Error + 'static)) -> Option<S
         if text.contains("HTTP/2 was not negotiated") {
             return Some("TLS: the server did not negotiate HTTP/2 (ALPN h2)".into());
         }
-        // tonic's ClientTlsConfig::timeout passing.
+        // TlsDialer's (or tonic's ClientTlsConfig::timeout) passing.
         if text.contains("TLS handshake timeout") {
             return Some(
                 "TLS handshake failed: no answer to the handshake in time (is that port serving TLS?)".into(),
@@ -860,14 +1167,14 @@ mod tests {
     fn processor_tls_is_on_when_asked_and_refuses_plaintext_entries() {
         let t = Duration::from_secs(1);
         let off = ProcessorTlsArgs::default();
-        assert!(off.load(&["http://p:1".into()], t).unwrap().is_none());
+        assert!(off.load(&["http://p:1".into()], t, t).unwrap().is_none());
         assert!(off.enabled(&["https://p:1".into()]) && !off.enabled(&["dns:///p:1".into()]));
         let on = ProcessorTlsArgs { processor_tls: true, ..Default::default() };
-        assert!(on.load(&["dns:///p:1".into()], t).unwrap().is_some());
-        let err = on.load(&["dns:///q:1".into(), "http://p:1".into()], t).unwrap_err().to_string();
+        assert!(on.load(&["dns:///p:1".into()], t, t).unwrap().is_some());
+        let err = on.load(&["dns:///q:1".into(), "http://p:1".into()], t, t).unwrap_err().to_string();
         assert!(err.contains("http://p:1") && err.contains("plaintext"), "{err}");
         let half = ProcessorTlsArgs { processor_cert: Some("c.pem".into()), ..Default::default() };
-        let err = half.load(&["p:1".into()], t).unwrap_err().to_string();
+        let err = half.load(&["p:1".into()], t, t).unwrap_err().to_string();
         assert!(err.contains("--processor-cert and --processor-key go together"), "{err}");
     }
 
@@ -887,7 +1194,8 @@ mod tests {
             processor_key: Some(key_path),
             ..Default::default()
         };
-        let tls = args.load(&["p:1".into()], Duration::from_secs(1)).unwrap().unwrap();
+        let tls =
+            args.load(&["p:1".into()], Duration::from_secs(1), Duration::from_secs(1)).unwrap().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         let shown = format!("{tls:?}");
         // The key as tonic's Debug of its bytes would print it.

@@ -419,3 +419,99 @@ async fn silent_connections_past_the_handshake_slots_do_not_lock_clients_out() {
     );
     drop(silent);
 }
+
+/// The pipeline's own client certificate (--processor-cert/--processor-key)
+/// rotated to another CA's, as cert-manager does (a Secret volume's
+/// directory swapped by a symlink rename): the pipeline reloads it, and
+/// new connections to a processor that now trusts only the new CA present
+/// it, without a restart. A processor's `--max-connection-age` retires the
+/// connections made before. A reload from a bad file keeps the config in
+/// use and names the file.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipelines_client_certificate_rotates_without_a_restart() {
+    let dir = Dir::new();
+    let (ca1, ca2) = (Ca::new("fanout test CA 1"), Ca::new("fanout test CA 2"));
+    let mut pcfg = processor_config();
+    pcfg.tls = server_tls(&dir, "p", &ca1.server(1), Some(&ca1));
+    pcfg.connections.max_connection_age = Duration::from_millis(300);
+    let p = start_processor_with(&pcfg, Digest::default()).await;
+    let p_tls = p.running.tls().expect("serving TLS").clone();
+    let refused_at_start = p_tls.watch_refusals().borrow().0;
+
+    // The pipeline's client certificate, where a mounted Secret puts it:
+    // DIR/current -> DIR/v1, holding tls.crt and tls.key.
+    let mount = |version: &str, leaf: &Leaf| {
+        dir.leaf(&format!("{version}/tls"), leaf);
+        let link = dir.path().join("current.new");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(dir.path().join(version), &link).unwrap();
+        std::fs::rename(&link, dir.path().join("current")).unwrap();
+    };
+    std::fs::create_dir_all(dir.path().join("v1")).unwrap();
+    std::fs::create_dir_all(dir.path().join("v2")).unwrap();
+    mount("v1", &ca1.client("pipeline"));
+    let mut cfg = tls_pipeline_config(&dir, &[&p], &ca1, None);
+    cfg.processor_tls.processor_cert = Some(dir.path().join("current/tls.crt"));
+    cfg.processor_tls.processor_key = Some(dir.path().join("current/tls.key"));
+    cfg.tls.tls_reload_interval = Duration::from_millis(50);
+    let pipeline = start(&cfg).await;
+    let tls = pipeline.processor_tls().expect("TLS to processors").clone();
+    let mut client = pipeline_client(&pipeline.url()).await;
+    let got = run_ok(&mut client, run_request(records(4))).await;
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
+    assert!(tls.dials() > 0 && tls.stale_connections() == 0, "dialled with the first config");
+
+    // The rotation, in the order that never leaves the pipeline refused:
+    // the processor trusts both CAs, the pipeline gets a CA-2 certificate,
+    // the processor trusts CA 2 only.
+    let p_reload = |pem: String| {
+        let p_tls = p_tls.clone();
+        let dir = &dir;
+        async move {
+            let mut reloads = p_tls.watch_reloads();
+            let before = *reloads.borrow_and_update();
+            dir.write("p-client-ca.pem", &pem);
+            tokio::time::timeout(WAIT, reloads.wait_for(|n| *n > before))
+                .await
+                .expect("the processor's reload")
+                .unwrap();
+        }
+    };
+    p_reload(format!("{}{}", ca1.pem, ca2.pem)).await;
+    let mut reloads = tls.watch_reloads();
+    let before = *reloads.borrow_and_update();
+    mount("v2", &ca2.client("pipeline"));
+    tokio::time::timeout(WAIT, reloads.wait_for(|n| *n > before))
+        .await
+        .expect("the pipeline reloads its client certificate")
+        .unwrap();
+    p_reload(ca2.pem.clone()).await;
+
+    // The connections made with the CA-1 certificate reach their age and
+    // close; then a run goes over connections presenting the new one.
+    wait_until("the connections made before the rotation to close", || tls.stale_connections() == 0).await;
+    let dials = tls.dials();
+    let got = run_ok(&mut client, run_request(records(6))).await;
+    got.assert_exactly_once(&ids(6));
+    // (Not "each at its first attempt": a call can meet a connection's
+    // GOAWAY at its age and be retried, which is not what is tested here.)
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
+    assert!(tls.dials() > dials, "the run dialled new connections");
+    let refused = p_tls.watch_refusals().borrow().clone();
+    assert_eq!(refused.0, refused_at_start, "no handshake of the pipeline was refused: {refused:?}");
+
+    // A bad file: the reload fails naming it, the CA-2 certificate stays,
+    // and new connections still present it.
+    let reloads_before = tls.reloads();
+    dir.write("v2/tls.crt", "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n");
+    let err = tls.reload().expect_err("bad PEM").to_string();
+    let crt = cfg.processor_tls.processor_cert.as_ref().unwrap().display().to_string();
+    assert!(err.contains("--processor-cert") && err.contains(&crt), "{err}");
+    assert_eq!(tls.reloads(), reloads_before, "no config swapped in");
+    let dials = tls.dials();
+    wait_until("a new connection after the failed reload", || tls.dials() > dials).await;
+    let got = run_ok(&mut client, run_request(records(3))).await;
+    assert_eq!(got.status(), proto::RunStatus::Succeeded, "{:#?}", got.failures());
+    assert_eq!(p_tls.watch_refusals().borrow().0, refused_at_start, "still nothing refused");
+}

@@ -135,27 +135,34 @@ impl Endpoint {
     fn new(id: u64, target: (usize, &str), addr: SocketAddr, opts: &ConnectOptions) -> Result<Self, Error> {
         let (target, host) = target;
         let url = format!("{}://{addr}", if opts.tls.is_some() { "https" } else { "http" });
-        let tls = |e: ChannelEndpoint| match &opts.tls {
-            Some(tls) => e
-                .tls_config(tls.for_host(host))
-                .map_err(|e| Error::Config(format!("processor endpoint {url:?}: TLS: {e}"))),
-            None => Ok(e),
+        // With TLS, the dialer does TCP and the handshake itself, with the
+        // config current at each dial (reloadable), bounding both by the
+        // connect timeout; the channel's own URI stays http:// so tonic
+        // adds no TLS of its own, and the origin keeps :scheme https.
+        let dialer = opts.tls.as_ref().map(|tls| tls.dialer(host, addr)).transpose()?;
+        let base = || -> Result<ChannelEndpoint, Error> {
+            let endpoint = ChannelEndpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| Error::Config(format!("processor endpoint {url:?}: {e}")))?;
+            Ok(match &dialer {
+                Some(_) => endpoint.origin(
+                    url.parse().map_err(|e| Error::Config(format!("processor endpoint {url:?}: {e}")))?,
+                ),
+                None => endpoint.connect_timeout(opts.connect_timeout).tcp_nodelay(true),
+            })
         };
-        let mut endpoint = tls(ChannelEndpoint::from_shared(url.clone())
-            .map_err(|e| Error::Config(format!("processor endpoint {url:?}: {e}")))?
-            .connect_timeout(opts.connect_timeout)
-            .tcp_nodelay(true))?;
+        let connect = |e: ChannelEndpoint| match &dialer {
+            Some(d) => e.connect_with_connector_lazy(d.clone()),
+            None => e.connect_lazy(),
+        };
+        let mut endpoint = base()?;
         if let Some(every) = opts.http2_keepalive {
             endpoint = endpoint.http2_keep_alive_interval(every).keep_alive_timeout(opts.connect_timeout);
         }
-        let calls = tonic::client::Grpc::new(endpoint.connect_lazy())
+        let calls = tonic::client::Grpc::new(connect(endpoint))
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(usize::MAX);
         // The probe connection sends no keepalive either: probes are the check.
-        let probes = tls(ChannelEndpoint::from_shared(url.clone())
-            .map_err(|e| Error::Config(format!("processor endpoint {url:?}: {e}")))?
-            .connect_timeout(opts.connect_timeout))?
-        .connect_lazy();
+        let probes = connect(base()?);
         Ok(Self {
             id,
             url,
@@ -663,6 +670,11 @@ impl Balancer {
     /// The token sent to processors (`--processor-token-file`).
     pub fn processor_token(&self) -> Option<&Arc<crate::auth::TokenFile>> {
         self.opts.bearer.as_ref()
+    }
+
+    /// The live TLS config of processor connections, when TLS is on.
+    pub fn processor_tls(&self) -> Option<&Arc<crate::tls::ProcessorTls>> {
+        self.opts.tls.as_ref()
     }
 
     /// `msg` as a request, with the processor token when there is one.

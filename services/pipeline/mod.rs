@@ -89,8 +89,11 @@ impl PipelineService {
                 .as_deref()
                 .map(crate::auth::TokenFile::open)
                 .transpose()?,
-            tls: cfg.processor_tls.load(&cfg.processors, cfg.connect_timeout)?,
+            tls: cfg.processor_tls.load(&cfg.processors, cfg.connect_timeout, cfg.tls.tls_reload_interval)?,
         };
+        if let Some(tls) = &opts.tls {
+            tls.spawn_watcher(cancel_runs.clone());
+        }
         let balancer = Arc::new(Balancer::with_resolver(&cfg.processors, opts, resolver)?);
         balancer.spawn_resolver(cfg.resolve_interval, cancel_runs.clone());
         balancer.spawn_health_checks(cfg.health_interval, cancel_runs.clone());
