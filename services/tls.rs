@@ -146,15 +146,8 @@ impl TlsArgs {
             return Err(Error::Config("--tls-reload-interval must be positive".into()));
         }
         let files = ServerFiles { cert, key, client_ca: self.tls_client_ca.clone() };
-        let stamps = files.stamps();
-        let config = files.build()?;
-        let (reloads, _) = watch::channel(0);
         Ok(Some(Arc::new(ServerTls {
-            files,
-            config: ArcSwap::from_pointee(config),
-            stamps: Mutex::new(stamps),
-            reloads,
-            interval: self.tls_reload_interval,
+            live: Live::load(files, self.tls_reload_interval)?,
             refused: watch::channel((0, String::new())).0,
         })))
     }
@@ -184,7 +177,10 @@ fn stamp(path: &Path) -> Stamp {
     Some((m.modified().ok()?, m.len(), ino))
 }
 
-impl ServerFiles {
+impl ConfigFiles for ServerFiles {
+    type Config = rustls::ServerConfig;
+    const WHAT: &'static str = "TLS certificates";
+
     fn stamps(&self) -> Vec<Stamp> {
         [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
             .into_iter()
@@ -193,7 +189,6 @@ impl ServerFiles {
             .collect()
     }
 
-    /// Reads the files and builds the rustls config; errors name the file.
     fn build(&self) -> Result<rustls::ServerConfig, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = read_certs(&self.cert, "--tls-cert")?;
@@ -247,17 +242,112 @@ fn read_key(path: &Path, flag: &str) -> Result<PrivateKeyDer<'static>, Error> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, flag, e))
 }
 
-/// A server's live TLS config, reloaded from its files (see the [module
-/// docs](self)).
+/// Files a TLS config is built from (a server's, or the pipeline's for
+/// processors).
+trait ConfigFiles: std::fmt::Debug + Send + Sync + 'static {
+    /// The rustls config they make.
+    type Config: Send + Sync + 'static;
+    /// What the log lines call it.
+    const WHAT: &'static str;
+    /// What tells each file changed.
+    fn stamps(&self) -> Vec<Stamp>;
+    /// Reads the files and builds the config; errors name the file.
+    fn build(&self) -> Result<Self::Config, Error>;
+}
+
+/// A config kept current with its files: behind an `ArcSwap` (every
+/// handshake takes the one current at that moment), rebuilt when a file's
+/// stamp changes or on demand; a failed rebuild keeps the config in use.
+/// Shared by [`ServerTls`] and [`ProcessorTls`].
 #[derive(Debug)]
-pub struct ServerTls {
-    files: ServerFiles,
-    config: ArcSwap<rustls::ServerConfig>,
+struct Live<F: ConfigFiles> {
+    files: F,
+    config: ArcSwap<F::Config>,
     /// The files' stamps at the last load attempt (good or not).
     stamps: Mutex<Vec<Stamp>>,
     /// Count of configs swapped in since start.
     reloads: watch::Sender<u64>,
     interval: Duration,
+}
+
+impl<F: ConfigFiles> Live<F>
+where
+    F::Config: std::fmt::Debug,
+{
+    fn load(files: F, interval: Duration) -> Result<Self, Error> {
+        let stamps = files.stamps();
+        let config = files.build()?;
+        Ok(Self {
+            files,
+            config: ArcSwap::from_pointee(config),
+            stamps: Mutex::new(stamps),
+            reloads: watch::channel(0).0,
+            interval,
+        })
+    }
+
+    fn current(&self) -> Arc<F::Config> {
+        self.config.load_full()
+    }
+
+    fn reloads(&self) -> u64 {
+        *self.reloads.borrow()
+    }
+
+    fn reload(&self) -> Result<(), Error> {
+        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = self.files.stamps();
+        match self.files.build() {
+            Ok(config) => {
+                // Config first, count after: a reader that takes the count
+                // and then the config never has an older config than the
+                // count says (see TlsDialer::call).
+                self.config.store(Arc::new(config));
+                self.reloads.send_modify(|n| *n += 1);
+                info!(files = ?self.files, "{} reloaded", F::WHAT);
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "{} reload failed; keeping the config in use", F::WHAT);
+                Err(e)
+            }
+        }
+    }
+
+    fn reload_if_changed(&self) -> Option<Result<(), Error>> {
+        let now = self.files.stamps();
+        let changed = *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) != now;
+        changed.then(|| self.reload())
+    }
+}
+
+/// Checks `owner`'s files (`live` of it) every interval until `stop`, or
+/// until the owner is dropped.
+fn spawn_watcher<T, F>(owner: &Arc<T>, live: fn(&T) -> &Live<F>, stop: CancellationToken)
+where
+    T: Send + Sync + 'static,
+    F: ConfigFiles,
+    F::Config: std::fmt::Debug,
+{
+    let this = Arc::downgrade(owner);
+    let interval = live(owner).interval;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let Some(owner) = this.upgrade() else { return };
+            // Reading a few small files: brief enough for a worker.
+            let _ = live(&owner).reload_if_changed();
+        }
+    });
+}
+
+/// A server's live TLS config, reloaded from its files (see the [module
+/// docs](self)).
+#[derive(Debug)]
+pub struct ServerTls {
+    live: Live<ServerFiles>,
     /// Handshakes failed since start, and why the last one did.
     refused: watch::Sender<(u64, String)>,
 }
@@ -272,65 +362,39 @@ impl ServerTls {
 
     /// Whether client certificates are required.
     pub fn requires_client_certs(&self) -> bool {
-        self.files.client_ca.is_some()
+        self.live.files.client_ca.is_some()
     }
 
     /// Successful reloads since start.
     pub fn reloads(&self) -> u64 {
-        *self.reloads.borrow()
+        self.live.reloads()
     }
 
     /// Follows the count of successful reloads (tests wait on it).
     pub fn watch_reloads(&self) -> watch::Receiver<u64> {
-        self.reloads.subscribe()
+        self.live.reloads.subscribe()
     }
 
     /// Reads the files again now and swaps the new config in; on error the
     /// config in use stays, and the error (naming the file) is logged and
     /// returned.
     pub fn reload(&self) -> Result<(), Error> {
-        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = self.files.stamps();
-        match self.files.build() {
-            Ok(config) => {
-                self.config.store(Arc::new(config));
-                self.reloads.send_modify(|n| *n += 1);
-                info!(cert = %self.files.cert.display(), "TLS certificates reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                warn!(error = %e, "TLS reload failed; keeping the certificates in use");
-                Err(e)
-            }
-        }
+        self.live.reload()
     }
 
     /// Reloads when a file changed since the last attempt; `None` when none
     /// did.
     pub fn reload_if_changed(&self) -> Option<Result<(), Error>> {
-        let now = self.files.stamps();
-        let changed = *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) != now;
-        changed.then(|| self.reload())
+        self.live.reload_if_changed()
     }
 
     /// Checks the files every `--tls-reload-interval` until `stop`.
     pub fn spawn_watcher(self: &Arc<Self>, stop: CancellationToken) {
-        let this = Arc::downgrade(self);
-        let interval = self.interval;
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(interval) => {}
-                }
-                let Some(tls) = this.upgrade() else { return };
-                // Reading a few small files: brief enough for a worker.
-                let _ = tls.reload_if_changed();
-            }
-        });
+        spawn_watcher(self, |t: &Self| &t.live, stop);
     }
 
     fn current(&self) -> Arc<rustls::ServerConfig> {
-        self.config.load_full()
+        self.live.current()
     }
 }
 
@@ -645,13 +709,7 @@ pub struct ProcessorTlsArgs {
 /// moment; open connections keep their session until they close (a
 /// processor's `--max-connection-age` makes that happen).
 pub struct ProcessorTls {
-    files: ClientFiles,
-    config: ArcSwap<rustls::ClientConfig>,
-    /// The files' stamps at the last load attempt (good or not).
-    stamps: Mutex<Vec<Stamp>>,
-    /// Count of configs swapped in since start.
-    reloads: watch::Sender<u64>,
-    interval: Duration,
+    live: Live<ClientFiles>,
     /// Bound on the TCP connect, and on the handshake after it.
     timeout: Duration,
     name: Option<String>,
@@ -665,7 +723,7 @@ impl std::fmt::Debug for ProcessorTls {
     /// Not the config: it holds the client's private key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProcessorTls")
-            .field("files", &self.files)
+            .field("files", &self.live.files)
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
@@ -686,12 +744,12 @@ impl ProcessorTls {
 
     /// Successful reloads since start.
     pub fn reloads(&self) -> u64 {
-        *self.reloads.borrow()
+        self.live.reloads()
     }
 
     /// Follows the count of successful reloads (tests wait on it).
     pub fn watch_reloads(&self) -> watch::Receiver<u64> {
-        self.reloads.subscribe()
+        self.live.reloads.subscribe()
     }
 
     /// Connections to processors that completed their handshake since
@@ -711,51 +769,22 @@ impl ProcessorTls {
     /// config in use stays, and the error (naming the file) is logged and
     /// returned.
     pub fn reload(&self) -> Result<(), Error> {
-        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = self.files.stamps();
-        match self.files.build() {
-            Ok(config) => {
-                // Config first, count after: a dial that reads the count
-                // and then the config never takes an older config than the
-                // count says (see TlsDialer::call).
-                self.config.store(Arc::new(config));
-                self.reloads.send_modify(|n| *n += 1);
-                info!(cert = ?self.files.cert, ca = ?self.files.ca, "processor TLS files reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                warn!(error = %e, "processor TLS reload failed; keeping the config in use");
-                Err(e)
-            }
-        }
+        self.live.reload()
     }
 
     /// Reloads when a file changed since the last attempt; `None` when none
     /// did.
     pub fn reload_if_changed(&self) -> Option<Result<(), Error>> {
-        let now = self.files.stamps();
-        let changed = *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) != now;
-        changed.then(|| self.reload())
+        self.live.reload_if_changed()
     }
 
     /// Checks the files every `--tls-reload-interval` until `stop` (or
     /// until this is dropped). Nothing to watch without files.
     pub fn spawn_watcher(self: &Arc<Self>, stop: CancellationToken) {
-        if self.files.ca.is_none() && self.files.cert.is_none() {
+        if self.live.files.ca.is_none() && self.live.files.cert.is_none() {
             return;
         }
-        let this = Arc::downgrade(self);
-        let interval = self.interval;
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(interval) => {}
-                }
-                let Some(tls) = this.upgrade() else { return };
-                // Reading a few small files: brief enough for a worker.
-                let _ = tls.reload_if_changed();
-            }
-        });
+        spawn_watcher(self, |t: &Self| &t.live, stop);
     }
 }
 
@@ -793,7 +822,7 @@ impl tower::Service<tonic::codegen::http::Uri> for TlsDialer {
     fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
         // The count before the config (see ProcessorTls::reload).
         let generation = self.tls.reloads();
-        let config = self.tls.config.load_full();
+        let config = self.tls.live.current();
         let (tls, addr, name) = (self.tls.clone(), self.addr, self.name.clone());
         Box::pin(async move {
             let timeout = tls.timeout;
@@ -921,14 +950,8 @@ impl ProcessorTlsArgs {
         if files.cert.is_some() != files.key.is_some() {
             return Err(Error::Config("--processor-cert and --processor-key go together".into()));
         }
-        let stamps = files.stamps();
-        let config = files.build()?;
         Ok(Some(Arc::new(ProcessorTls {
-            files,
-            config: ArcSwap::from_pointee(config),
-            stamps: Mutex::new(stamps),
-            reloads: watch::channel(0).0,
-            interval: reload_interval,
+            live: Live::load(files, reload_interval)?,
             timeout,
             name: self.processor_tls_name.clone(),
             open: Mutex::default(),
@@ -945,13 +968,15 @@ struct ClientFiles {
     key: Option<PathBuf>,
 }
 
-impl ClientFiles {
+/// The rustls config is TLS 1.2 and 1.3, ALPN h2, as tonic's would be.
+impl ConfigFiles for ClientFiles {
+    type Config = rustls::ClientConfig;
+    const WHAT: &'static str = "processor TLS files";
+
     fn stamps(&self) -> Vec<Stamp> {
         [&self.ca, &self.cert, &self.key].into_iter().flatten().map(|p| stamp(p)).collect()
     }
 
-    /// Reads the files and builds the rustls config (TLS 1.2 and 1.3, ALPN
-    /// h2, as tonic's would be); errors name the file.
     fn build(&self) -> Result<rustls::ClientConfig, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
