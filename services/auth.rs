@@ -24,6 +24,7 @@
 //! wrong guess tells anything. Tokens never appear in logs, errors or
 //! `Debug` output.
 
+use crate::config::FileStamp as Stamp;
 use crate::error::Error;
 use clap::{Args, ValueEnum};
 use futures::future::{Either, Ready, ready};
@@ -31,7 +32,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::sync::watch;
 use tonic::codegen::http::{HeaderValue, Request, Response};
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
@@ -101,24 +102,6 @@ pub struct Reloads {
     pub applied: u64,
     /// Changes seen whose reading failed (the previous tokens kept).
     pub failed: u64,
-}
-
-/// What identifies one version of a file, cheaply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
-
-impl Stamp {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(meta);
-        #[cfg(not(unix))]
-        let inode = 0;
-        Self { modified: meta.modified().ok(), len: meta.len(), inode }
-    }
 }
 
 /// A file of bearer tokens, kept current: read at start (an error then is

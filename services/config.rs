@@ -321,6 +321,33 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// What tells one version of a file given by a flag from the next (TLS
+/// files, token files), cheaply: modification time and length, and the
+/// inode on Unix, for files replaced by a rename or a symlink swap, as
+/// Kubernetes does with mounted Secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    /// The stamp of a file from its metadata.
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Self { modified: meta.modified().ok(), len: meta.len(), inode }
+    }
+
+    /// The stamp of the file at `path`; `None` when it cannot be read.
+    pub(crate) fn at(path: &std::path::Path) -> Option<Self> {
+        std::fs::metadata(path).ok().map(|m| Self::of(&m))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,6 +47,7 @@
 //! `fanout run`.
 
 use crate::config::ConnectionLimits;
+use crate::config::FileStamp;
 use crate::error::Error;
 use crate::listener::{ConnInfo, Incoming, PrefaceCheck, Severable};
 use arc_swap::ArcSwap;
@@ -65,7 +66,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -163,18 +164,11 @@ struct ServerFiles {
     client_ca: Option<PathBuf>,
 }
 
-/// What tells a file changed: modification time and length (and inode on
-/// Unix, for files replaced by a rename or a symlink swap, as Kubernetes
-/// does with mounted Secrets).
-type Stamp = Option<(SystemTime, u64, u64)>;
+/// A file's stamp, `None` when it cannot be read (see [`FileStamp`]).
+type Stamp = Option<FileStamp>;
 
 fn stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    let ino = std::os::unix::fs::MetadataExt::ino(&m);
-    #[cfg(not(unix))]
-    let ino = 0;
-    Some((m.modified().ok()?, m.len(), ino))
+    FileStamp::at(path)
 }
 
 impl ConfigFiles for ServerFiles {
