@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use fanout::proto::pipeline_client::PipelineClient;
 use fanout::proto::{self, run_event::Event};
 use fanout::workload::Digest;
 use serde_json::json;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::Code;
+use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_run_accounts_for_every_record_exactly_once() {
@@ -30,18 +32,35 @@ async fn a_streamed_run_accounts_for_every_record_exactly_once() {
     }
 }
 
+/// A fleet that dispatches nothing until `gate` opens (one gated
+/// processor; opened on drop), its pipeline sending progress every 20 ms.
+struct Blocked {
+    gate: Arc<Gate>,
+    _open: OpenOnDrop,
+    _p: Proc,
+    _pipeline: fanout::server::Running,
+    client: PipelineClient<Channel>,
+}
+
+impl Blocked {
+    async fn start() -> Self {
+        let gate = Gate::closed();
+        let _open = gate.open_on_drop();
+        let script = Arc::new(Script::new());
+        let _p = start_processor(TestWorkload::new("p", &script).gated(&gate)).await;
+        let mut cfg = pipeline_config(std::slice::from_ref(&_p.url));
+        cfg.progress_interval = Duration::from_millis(20);
+        let _pipeline = fanout::server::start_pipeline(&cfg).await.unwrap();
+        let client = pipeline_client(&_pipeline.url()).await;
+        Self { gate, _open, _p, _pipeline, client }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_that_outruns_the_fleet_waits_in_the_client() {
     // One slow record at a time: the client could send 100 MB of records
     // in no time, and the pipeline must not read them ahead.
-    let gate = Gate::closed();
-    let _open = gate.open_on_drop();
-    let script = Arc::new(Script::new());
-    let p = start_processor(TestWorkload::new("p", &script).gated(&gate)).await;
-    let mut cfg = pipeline_config(std::slice::from_ref(&p.url));
-    cfg.progress_interval = Duration::from_millis(20);
-    let pipeline = fanout::server::start_pipeline(&cfg).await.unwrap();
-    let mut client = pipeline_client(&pipeline.url()).await;
+    let Blocked { gate, _open, _p, _pipeline, mut client } = Blocked::start().await;
 
     const BATCHES: usize = 200;
     const PER_BATCH: usize = 100;
@@ -110,14 +129,7 @@ async fn one_tiny_record_per_message_to_a_blocked_fleet_keeps_the_connection() {
     // frames must stay within what h2 lets a peer leave unread (before the
     // pipeline set its receive windows, h2 closed the connection within
     // 0.2 s here).
-    let gate = Gate::closed();
-    let _open = gate.open_on_drop();
-    let script = Arc::new(Script::new());
-    let p = start_processor(TestWorkload::new("p", &script).gated(&gate)).await;
-    let mut cfg = pipeline_config(std::slice::from_ref(&p.url));
-    cfg.progress_interval = Duration::from_millis(20);
-    let pipeline = fanout::server::start_pipeline(&cfg).await.unwrap();
-    let mut client = pipeline_client(&pipeline.url()).await;
+    let Blocked { gate, _open, _p, _pipeline, mut client } = Blocked::start().await;
     const N: usize = 20_000;
     let opts = proto::RunOptions { max_in_flight: 4, ..Default::default() };
     let ids: Vec<String> = (0..N).map(|i| format!("r{i}")).collect();
