@@ -78,14 +78,12 @@ pub async fn connect_tls(url: &str, tls: &fanout::tls::ClientTlsArgs) -> Result<
 /// "keep-alive timed out"), each after ": ".
 fn causes(status: &tonic::Status) -> String {
     let mut text = String::new();
-    let mut next = std::error::Error::source(status);
-    while let Some(e) = next {
+    for e in fanout::error::chain(status).skip(1) {
         let s = e.to_string();
         if !text.contains(&s) && !status.message().contains(&s) {
             text.push_str(": ");
             text.push_str(&s);
         }
-        next = e.source();
     }
     text
 }

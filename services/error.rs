@@ -83,3 +83,11 @@ impl From<Error> for Status {
         Status::new(err.code(), err.to_string())
     }
 }
+
+/// `err` and the errors under it, outermost first (what
+/// `std::error::Error::sources` will be once stable).
+pub fn chain<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| e.source())
+}

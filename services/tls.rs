@@ -1106,8 +1106,7 @@ impl ClientTlsArgs {
 /// does not speak TLS (plaintext?)"), or tonic's own TLS errors. `None` when
 /// TLS was not the cause.
 pub fn connect_error_reason(err: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut next = Some(err);
-    while let Some(e) = next {
+    for e in crate::error::chain(err) {
         let inner = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
         let rustls = e.downcast_ref::<rustls::Error>().or_else(|| inner.and_then(|i| i.downcast_ref()));
         if let Some(r) = rustls {
@@ -1137,7 +1136,6 @@ pub fn connect_error_reason(err: &(dyn std::error::Error + 'static)) -> Option<S
         if text.contains("native root CA certificates") {
             return Some(format!("TLS: {text} (give a CA file)"));
         }
-        next = e.source();
     }
     None
 }

@@ -445,18 +445,12 @@ pub enum CallError {
 /// request unsent because its connection closed first ("operation was
 /// canceled", which is what a processor shutting down gracefully causes).
 fn never_sent(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
+    crate::error::chain(status).skip(1).any(|e| {
         let text = e.to_string();
-        if text.contains("tcp connect error")
+        text.contains("tcp connect error")
             || text.contains("refused stream")
             || text.contains("operation was canceled")
-        {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+    })
 }
 
 impl Lease {
